@@ -1,0 +1,82 @@
+//! The in-process bus of embedded mode.
+//!
+//! In a single process the committed log is already at hand, so the bus keeps
+//! no copy of it: it records how far the log has been published and serves
+//! subscribers from the store, up to that mark. Subscribers therefore see
+//! exactly what a JetStream subscriber would — every published event, in
+//! order, once — and nothing can be lost to a full buffer.
+
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use privcomm_domain::{BusError, EventBus, EventStore, Position, RecordedEvent};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Events fetched from the store per read while a subscriber catches up.
+const PAGE: usize = 500;
+
+/// In-process [`EventBus`] over an [`EventStore`].
+pub struct InProcessBus {
+    store: Arc<dyn EventStore>,
+    published: watch::Sender<Position>,
+}
+
+impl InProcessBus {
+    /// A bus over `store`, with nothing published yet.
+    pub fn new(store: Arc<dyn EventStore>) -> InProcessBus {
+        InProcessBus { store, published: watch::channel(Position::START).0 }
+    }
+}
+
+#[async_trait]
+impl EventBus for InProcessBus {
+    async fn publish(&self, events: &[RecordedEvent]) -> Result<Position, BusError> {
+        let mut outcome = Ok(Position::START);
+        self.published.send_if_modified(|last| {
+            for event in events {
+                if event.position <= *last {
+                    continue; // already published: skipped, as JetStream de-duplicates
+                }
+                if event.position != last.next() {
+                    outcome = Err(BusError::OutOfSequence { bus_last: *last, attempted: event.position });
+                    return true;
+                }
+                *last = event.position;
+            }
+            outcome = Ok(*last);
+            true
+        });
+        outcome
+    }
+
+    async fn last_published(&self) -> Result<Position, BusError> {
+        Ok(*self.published.borrow())
+    }
+
+    async fn subscribe(&self, after: Position) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError> {
+        let store = self.store.clone();
+        let published = self.published.subscribe();
+        let state = (store, published, after, Vec::<RecordedEvent>::new().into_iter());
+        let stream = futures::stream::unfold(state, |(store, mut published, mut after, mut buffered)| async move {
+            loop {
+                if let Some(event) = buffered.next() {
+                    after = event.position;
+                    return Some((Ok(event), (store, published, after, buffered)));
+                }
+                let limit = match published.wait_for(|last| *last > after).await {
+                    Ok(last) => *last,
+                    Err(_) => return None, // the bus was dropped
+                };
+                match store.read_all(after, PAGE).await {
+                    Ok(page) => buffered = page.into_iter().take_while(|e| e.position <= limit).collect::<Vec<_>>().into_iter(),
+                    Err(error) => {
+                        let error = BusError::Transport(Box::new(error));
+                        return Some((Err(error), (store, published, after, buffered)));
+                    }
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
+}

@@ -1,0 +1,151 @@
+//! The NATS JetStream bus of cluster mode.
+//!
+//! Every event is published with two headers (ADR 0003):
+//! - `Nats-Msg-Id: <event id>`, so JetStream drops a re-publish inside its
+//!   de-duplication window;
+//! - `Nats-Expected-Last-Sequence: <position − 1>`, so JetStream stores the
+//!   event only directly after its predecessor.
+//!
+//! Together they make the stream's sequence number equal the log position:
+//! no event is stored twice (not even after the de-duplication window), none
+//! out of order, and any number of publishers may race safely. The stream's
+//! last sequence is therefore the exact, durable "published up to" mark.
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, message::PublishMessage, stream};
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use privcomm_domain::{BusError, EventBus, Position, RecordedEvent};
+use std::time::Duration;
+
+/// Where the log goes on NATS.
+#[derive(Clone, Debug)]
+pub struct NatsBusConfig {
+    /// JetStream stream name (`NATS_STREAM`, default `PRIVCOMM_EVENTS`).
+    pub stream_name: String,
+    /// Subject prefix; events go to `<prefix>.<event type>`.
+    pub subject_prefix: String,
+}
+
+impl Default for NatsBusConfig {
+    fn default() -> Self {
+        NatsBusConfig { stream_name: "PRIVCOMM_EVENTS".into(), subject_prefix: "privcomm.events".into() }
+    }
+}
+
+/// JetStream-backed [`EventBus`].
+pub struct NatsBus {
+    jetstream: jetstream::Context,
+    config: NatsBusConfig,
+}
+
+fn transport(error: impl std::error::Error + Send + Sync + 'static) -> BusError {
+    BusError::Transport(Box::new(error))
+}
+
+impl NatsBus {
+    /// Connects to `url` and creates the stream if it does not exist.
+    pub async fn connect(url: &str, config: NatsBusConfig) -> Result<NatsBus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(transport)?;
+        let jetstream = jetstream::new(client);
+        jetstream
+            .get_or_create_stream(stream::Config {
+                name: config.stream_name.clone(),
+                subjects: vec![format!("{}.>", config.subject_prefix)],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(transport)?;
+        Ok(NatsBus { jetstream, config })
+    }
+
+    /// The JetStream context, for consumers that need more than the trait.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// Deletes the stream (tests and `privcomm` operators resetting a bus).
+    pub async fn delete_stream(&self) -> Result<(), BusError> {
+        self.jetstream.delete_stream(&self.config.stream_name).await.map_err(transport)?;
+        Ok(())
+    }
+
+    /// A connectivity check for `/health/`.
+    pub async fn check_health(&self) -> Result<(), BusError> {
+        self.last_published().await.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl EventBus for NatsBus {
+    async fn publish(&self, events: &[RecordedEvent]) -> Result<Position, BusError> {
+        let Some(last_event) = events.last() else { return self.last_published().await };
+        // Send the whole batch, then collect the acks: one round trip, not one per event.
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = serde_json::to_vec(event).map_err(transport)?;
+            let message = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(event.event_id.0.to_string())
+                .expected_last_sequence(event.position.0.saturating_sub(1));
+            let subject = format!("{}.{}", self.config.subject_prefix, event.event_type);
+            pending.push((event.position, self.jetstream.send_publish(subject, message).await.map_err(transport)?));
+        }
+        let mut first_refused = None;
+        for (position, ack) in pending {
+            match ack.await {
+                Ok(ack) if ack.duplicate || ack.sequence == position.0 => {}
+                Ok(ack) => {
+                    return Err(BusError::Decode(format!(
+                        "stream {} stored position {position} at sequence {}: the stream is shared or was reset",
+                        ack.stream, ack.sequence
+                    )));
+                }
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    first_refused.get_or_insert(position);
+                }
+                Err(error) => return Err(transport(error)),
+            }
+        }
+        match first_refused {
+            None => Ok(last_event.position),
+            Some(attempted) => {
+                // Refused because it is already there (fine), or because its
+                // predecessor is missing (the caller must re-sync).
+                let bus_last = self.last_published().await?;
+                if bus_last >= attempted { Ok(bus_last) } else { Err(BusError::OutOfSequence { bus_last, attempted }) }
+            }
+        }
+    }
+
+    async fn last_published(&self) -> Result<Position, BusError> {
+        let mut stream = self.jetstream.get_stream(&self.config.stream_name).await.map_err(transport)?;
+        let info = stream.info().await.map_err(transport)?;
+        Ok(Position(info.state.last_sequence))
+    }
+
+    async fn subscribe(&self, after: Position) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError> {
+        let stream = self.jetstream.get_stream(&self.config.stream_name).await.map_err(transport)?;
+        let deliver_policy = match after {
+            Position::START => consumer::DeliverPolicy::All,
+            after => consumer::DeliverPolicy::ByStartSequence { start_sequence: after.0 + 1 },
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig { deliver_policy, ..Default::default() })
+            .await
+            .map_err(transport)?;
+        let messages = consumer.messages().await.map_err(transport)?;
+        Ok(messages
+            .map(|message| {
+                let message = message.map_err(transport)?;
+                serde_json::from_slice::<RecordedEvent>(&message.payload).map_err(|e| BusError::Decode(e.to_string()))
+            })
+            .boxed())
+    }
+}

@@ -1,0 +1,23 @@
+//! The `privcomm` server: adapters and composition.
+//!
+//! - [`eventstore`]: the event store on PostgreSQL and SQLite (group commit,
+//!   hash chain, LISTEN/NOTIFY), implementing `privcomm_domain::EventStore`.
+//! - [`bus`]: the event bus in-process and on NATS JetStream.
+//! - [`outbox`]: the publisher that copies the log onto the bus, exactly once
+//!   and in position order.
+//! - [`config`] and [`serve`]: configuration from flags and environment, and
+//!   the process that runs every role (`privcomm serve`).
+//! - [`migrate`]: the embedded SQL migrations.
+//! - [`bench`]: the event-store benchmark (`privcomm bench-store`).
+//!
+//! The domain, API, relay and projection crates know only the traits; this
+//! crate chooses implementations and wires them together.
+
+pub mod bench;
+pub mod bus;
+pub mod clock;
+pub mod config;
+pub mod eventstore;
+pub mod migrate;
+pub mod outbox;
+pub mod serve;

@@ -1,0 +1,92 @@
+//! The `privcomm` command: a thin shell over the library.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use privcomm::config::{LogFormat, ServeConfig};
+
+#[derive(Parser)]
+#[command(name = "privcomm", version, about = "Self-hostable end-to-end-encrypted messaging server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (every role in one process).
+    Serve(ServeConfig),
+    /// Apply pending database migrations.
+    Migrate {
+        /// `sqlite:PATH` or `postgres://…`.
+        #[arg(long, env = "DATABASE_URL", default_value = privcomm::config::DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
+    /// Benchmark the event store and print figures (see docs/BENCHMARKS.md).
+    BenchStore(privcomm::bench::BenchArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = terminate => {} }
+    tracing::info!("shutdown requested");
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(config) => {
+            init_logging(config.log_format);
+            serve(config).await
+        }
+        Command::Migrate { database_url } => {
+            init_logging(LogFormat::Text);
+            privcomm::migrate::migrate_up(&database_url).await.map(|applied| {
+                println!("applied {applied} migration(s); the database is up to date");
+            })
+        }
+        Command::BenchStore(args) => {
+            init_logging(LogFormat::Text);
+            privcomm::bench::run(args).await
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            tracing::error!(error = format!("{error:#}"), "privcomm failed");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {} (LISTEN_ADDR)", config.listen))?;
+    privcomm::serve::run(config, listener, shutdown_signal()).await
+}

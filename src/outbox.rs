@@ -1,0 +1,125 @@
+//! The outbox publisher: copies the committed log onto the bus, in position
+//! order, each event once.
+//!
+//! It tails the store from its checkpoint, publishes pages of events, and
+//! saves the checkpoint after the bus acknowledged them. A crash between
+//! publish and checkpoint only means the next run publishes those events
+//! again, which the bus refuses as already stored (ADR 0003). A node wakes
+//! its publisher the moment its own commit lands (the store's in-process
+//! head watch), which is the fast path; events committed by other nodes
+//! arrive through LISTEN/NOTIFY.
+
+use crate::eventstore::LogStore;
+use privcomm_domain::{BusError, EventBus, Position, StoreError};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Checkpoint name of the outbox publisher.
+pub const CHECKPOINT: &str = "outbox";
+
+/// Events per publish.
+pub const DEFAULT_BATCH: usize = 500;
+
+/// Why a publish step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Reading the log or saving the checkpoint failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The bus now holds everything up to this position.
+    Published(Position),
+    /// Nothing after the position to publish.
+    UpToDate,
+    /// The bus holds less than we thought: continue from here.
+    Resync(Position),
+}
+
+/// Copies the log onto a bus.
+pub struct OutboxPublisher {
+    store: Arc<dyn LogStore>,
+    bus: Arc<dyn EventBus>,
+    batch: usize,
+}
+
+impl OutboxPublisher {
+    /// A publisher from `store` to `bus`.
+    pub fn new(store: Arc<dyn LogStore>, bus: Arc<dyn EventBus>) -> OutboxPublisher {
+        OutboxPublisher { store, bus, batch: DEFAULT_BATCH }
+    }
+
+    /// Publishes at most this many events per step.
+    pub fn with_batch(mut self, batch: usize) -> OutboxPublisher {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// Publishes the next page of events after `after`. Does not save the checkpoint.
+    pub async fn step(&self, after: Position) -> Result<Step, OutboxError> {
+        let events = self.store.read_all(after, self.batch).await?;
+        if events.is_empty() {
+            return Ok(Step::UpToDate);
+        }
+        match self.bus.publish(&events).await {
+            Ok(last) => Ok(Step::Published(last)),
+            Err(BusError::OutOfSequence { bus_last, .. }) => Ok(Step::Resync(bus_last)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Runs until `shutdown` resolves: publish, checkpoint, wait for more.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut after = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let work = async {
+                let from = match after {
+                    Some(position) => position,
+                    None => self.store.load_checkpoint(CHECKPOINT).await?,
+                };
+                match self.step(from).await? {
+                    Step::Published(last) => {
+                        self.store.save_checkpoint(CHECKPOINT, last).await?;
+                        Ok::<_, OutboxError>(last)
+                    }
+                    Step::Resync(bus_last) => {
+                        tracing::warn!(checkpoint = %from, %bus_last, "bus is behind the outbox checkpoint; republishing from the bus's last event");
+                        self.store.save_checkpoint(CHECKPOINT, bus_last).await?;
+                        Ok(bus_last)
+                    }
+                    Step::UpToDate => {
+                        self.store.wait_for_events_after(from).await?;
+                        Ok(from)
+                    }
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => return,
+                result = work => match result {
+                    Ok(position) => {
+                        after = Some(position);
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox publish failed");
+                        after = None; // re-read the checkpoint after a failure
+                        tokio::select! {
+                            () = &mut shutdown => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+}
