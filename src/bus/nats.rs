@@ -70,6 +70,11 @@ impl NatsBus {
         &self.jetstream
     }
 
+    /// Where this bus publishes.
+    pub fn config(&self) -> &NatsBusConfig {
+        &self.config
+    }
+
     /// Deletes the stream (tests and `privcomm` operators resetting a bus).
     pub async fn delete_stream(&self) -> Result<(), BusError> {
         self.jetstream.delete_stream(&self.config.stream_name).await.map_err(transport)?;

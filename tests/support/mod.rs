@@ -124,3 +124,17 @@ pub fn append(stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) ->
 pub fn at(n: u64) -> ExpectedVersion {
     if n == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(StreamVersion(n)) }
 }
+
+/// A JetStream bus on a stream of its own (`PC_TEST_<random>`), so tests
+/// sharing one NATS server never see each other's events.
+pub async fn nats_bus() -> Result<privcomm::bus::nats::NatsBus, String> {
+    let id = Uuid::now_v7().simple().to_string();
+    let config = privcomm::bus::nats::NatsBusConfig {
+        stream_name: format!("PC_TEST_{id}"),
+        subject_prefix: format!("pctest.{id}"),
+    };
+    let url = nats_url();
+    privcomm::bus::nats::NatsBus::connect(&url, config)
+        .await
+        .map_err(|e| format!("NATS JetStream is not reachable at {url}: {e:?}. To start it, {HOW_TO_START}"))
+}

@@ -1,0 +1,202 @@
+//! `privcomm serve` as a user meets it: the binary with no configuration, the
+//! binary on PostgreSQL + NATS, production refusing default secrets, and the
+//! health check turning 503 when the database goes away.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use support::{TempDir, TestDatabase, TestResult};
+
+const SETTINGS: [&str; 11] = [
+    "LISTEN_ADDR", "DATABASE_URL", "NATS_URL", "NATS_STREAM", "SECRET_KEY", "ENVIRONMENT",
+    "DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE", "AUTO_MIGRATE", "LOG_FORMAT", "RUST_LOG",
+];
+
+/// The `privcomm` binary in `dir` with none of its settings inherited.
+fn privcomm(dir: &TempDir) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_privcomm"));
+    command.current_dir(&dir.path);
+    for setting in SETTINGS {
+        command.env_remove(setting);
+    }
+    command
+}
+
+/// A running server; killed if the test ends early.
+struct Server {
+    child: Child,
+    address: SocketAddr,
+    logs: mpsc::Receiver<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `command serve --listen 127.0.0.1:0` and reads the bound address
+/// from its JSON start-up log line.
+fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+    let mut child = command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (lines_tx, logs) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let line = logs.recv_timeout(Duration::from_secs(60)).map_err(|_| format!("no start-up line; logs: {seen:?}"))?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("log line is not JSON ({e}): {line}"))?;
+        for field in ["timestamp", "level", "target"] {
+            if parsed.get(field).is_none() {
+                return Err(format!("log line lacks {field}: {line}").into());
+            }
+        }
+        if parsed["message"] == "privcomm serving" {
+            let address = parsed["address"].as_str().ok_or("no address field")?.parse()?;
+            return Ok(Server { child, address, logs });
+        }
+        seen.push(line);
+    }
+}
+
+async fn health(address: SocketAddr) -> Result<(u16, serde_json::Value), reqwest::Error> {
+    let response = reqwest::get(format!("http://{address}/health/")).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+#[cfg(unix)]
+fn terminate(server: &mut Server) -> Result<std::process::ExitStatus, Box<dyn std::error::Error + Send + Sync>> {
+    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status()?;
+    assert!(status.success());
+    for _ in 0..100 {
+        if let Some(exit) = server.child.try_wait()? {
+            return Ok(exit);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err("server did not stop within 10 s of SIGTERM".into())
+}
+
+#[tokio::test]
+async fn with_no_configuration_it_serves_on_a_new_sqlite_file() -> TestResult {
+    let dir = TempDir::new();
+    let mut server = start_server(privcomm(&dir))?;
+    let (status, body) = health(server.address).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["checks"]["database"], "ok");
+    assert!(dir.path.join("data/privcomm.db").exists(), "the SQLite file was not created under ./data/");
+    let started = server.logs.try_iter().collect::<Vec<_>>();
+    assert!(started.iter().all(|l| !l.contains(privcomm::config::DEVELOPMENT_SECRET_KEY)), "secret in logs");
+    #[cfg(unix)]
+    assert!(terminate(&mut server)?.success(), "a SIGTERM'd server must exit cleanly");
+
+    // A restart finds its data and migrations in place.
+    let server = start_server(privcomm(&dir))?;
+    assert_eq!(health(server.address).await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_postgres_and_nats_it_serves_against_them() -> TestResult {
+    let dir = TempDir::new();
+    let db = TestDatabase::create().await?;
+    let stream = format!("PC_TEST_SERVE_{}", uuid::Uuid::now_v7().simple());
+    let cluster = |command: &mut Command| {
+        command.env("DATABASE_URL", &db.url).env("NATS_URL", support::nats_url()).env("NATS_STREAM", &stream);
+    };
+
+    // Not migrated yet: refused, with the way out in the message.
+    let mut refused = privcomm(&dir);
+    cluster(&mut refused);
+    let output = refused.args(["serve", "--listen", "127.0.0.1:0"]).output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("privcomm migrate"), "unhelpful refusal: {stderr}");
+
+    let mut migrate = privcomm(&dir);
+    cluster(&mut migrate);
+    let output = migrate.arg("migrate").output()?;
+    assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    let mut serve = privcomm(&dir);
+    cluster(&mut serve);
+    let server = start_server(serve)?;
+    let (status, body) = health(server.address).await?;
+    assert_eq!((status, &body["checks"]["bus"]), (200, &serde_json::json!("ok")), "{body}");
+    assert!(!dir.path.join("data").exists(), "cluster mode must not create a SQLite file");
+
+    drop(server);
+    let bus = async_nats::jetstream::new(async_nats::connect(support::nats_url()).await?);
+    bus.delete_stream(&stream).await?; // exists: the server created it
+    db.drop_database().await;
+    Ok(())
+}
+
+#[test]
+fn production_refuses_the_default_secret_and_names_the_variable() -> TestResult {
+    let dir = TempDir::new();
+    let output = privcomm(&dir).env("ENVIRONMENT", "production").arg("serve").output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("SECRET_KEY"), "the message must name SECRET_KEY: {stderr}");
+    assert!(!dir.path.join("data").exists(), "a refused start must not create anything");
+
+    let output = privcomm(&dir)
+        .env("ENVIRONMENT", "production")
+        .env("SECRET_KEY", "too-short")
+        .arg("serve")
+        .output()?;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("SECRET_KEY is 9 bytes"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_503_when_the_database_goes_away() -> TestResult {
+    use clap::Parser as _;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: privcomm::config::ServeConfig,
+    }
+    let db = TestDatabase::migrated().await?;
+    let config = Cli::try_parse_from(["privcomm", "--database-url", &db.url, "--db-pool-min-size", "0"])?.config;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(privcomm::serve::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let (status, _) = health(address).await?;
+    assert_eq!(status, 200);
+    let name = db.name.clone();
+    db.drop_database().await; // terminates the server's connections too
+    let (status, body) = health(address).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(body["checks"]["database"], "unavailable");
+    assert!(!body.to_string().contains(&name), "internals must not be echoed: {body}");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), server).await???;
+    Ok(())
+}
