@@ -69,7 +69,9 @@ pub struct ServeConfig {
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// Production with the built-in secret.
-    #[error("SECRET_KEY is the built-in development default; set SECRET_KEY to a random value of at least 32 bytes before running with ENVIRONMENT=production")]
+    #[error(
+        "SECRET_KEY is the built-in development default; set SECRET_KEY to a random value of at least 32 bytes before running with ENVIRONMENT=production"
+    )]
     DefaultSecretKey,
     /// Production with a short secret.
     #[error("SECRET_KEY is {0} bytes long; ENVIRONMENT=production needs at least 32")]

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::{TestResult, append, event};
 
-async fn log_of(n: usize) -> Result<(Arc<InMemoryEventStore>, Vec<RecordedEvent>), Box<dyn std::error::Error + Send + Sync>> {
+async fn log_of(
+    n: usize,
+) -> Result<(Arc<InMemoryEventStore>, Vec<RecordedEvent>), Box<dyn std::error::Error + Send + Sync>> {
     let store = Arc::new(InMemoryEventStore::new(Arc::new(SystemClock)));
     for i in 0..n {
         store.append(append(&format!("s{}", i % 3), ExpectedVersion::Any, vec![event(&i.to_string(), 120)])).await?;

@@ -10,7 +10,7 @@ use privcomm_domain::{ChainFault, ExpectedVersion, Position, StoreError, StreamI
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{TestDatabase, TestResult, TempDir, append, at, event};
+use support::{TempDir, TestDatabase, TestResult, append, at, event};
 
 /// A change made behind the store's back, the way an attacker with
 /// database access would make it.
@@ -77,27 +77,53 @@ impl Fixture {
                 Tamper::RecordedAt(us) => event.recorded_at = privcomm_domain::Timestamp(us),
             }),
             (Backdoor::Sqlite(pool), Tamper::PayloadByte) => {
-                let payload: Vec<u8> = sqlx::query_scalar("SELECT payload FROM events WHERE position = ?").bind(at).fetch_one(pool).await?;
-                let flipped: Vec<u8> = payload.iter().enumerate().map(|(i, b)| if i == 0 { b ^ 1 } else { *b }).collect();
-                sqlx::query("UPDATE events SET payload = ? WHERE position = ?").bind(flipped).bind(at).execute(pool).await?;
-            }
-            (Backdoor::Sqlite(pool), Tamper::EventType(name)) => {
-                sqlx::query("UPDATE events SET event_type = ? WHERE position = ?").bind(name).bind(at).execute(pool).await?;
-            }
-            (Backdoor::Sqlite(pool), Tamper::RecordedAt(us)) => {
-                sqlx::query("UPDATE events SET recorded_at_us = ? WHERE position = ?").bind(us).bind(at).execute(pool).await?;
-            }
-            (Backdoor::Postgres(pool), Tamper::PayloadByte) => {
-                sqlx::query("UPDATE events SET payload = set_byte(payload, 0, get_byte(payload, 0) # 1) WHERE position = $1")
+                let payload: Vec<u8> = sqlx::query_scalar("SELECT payload FROM events WHERE position = ?")
+                    .bind(at)
+                    .fetch_one(pool)
+                    .await?;
+                let flipped: Vec<u8> =
+                    payload.iter().enumerate().map(|(i, b)| if i == 0 { b ^ 1 } else { *b }).collect();
+                sqlx::query("UPDATE events SET payload = ? WHERE position = ?")
+                    .bind(flipped)
                     .bind(at)
                     .execute(pool)
                     .await?;
             }
+            (Backdoor::Sqlite(pool), Tamper::EventType(name)) => {
+                sqlx::query("UPDATE events SET event_type = ? WHERE position = ?")
+                    .bind(name)
+                    .bind(at)
+                    .execute(pool)
+                    .await?;
+            }
+            (Backdoor::Sqlite(pool), Tamper::RecordedAt(us)) => {
+                sqlx::query("UPDATE events SET recorded_at_us = ? WHERE position = ?")
+                    .bind(us)
+                    .bind(at)
+                    .execute(pool)
+                    .await?;
+            }
+            (Backdoor::Postgres(pool), Tamper::PayloadByte) => {
+                sqlx::query(
+                    "UPDATE events SET payload = set_byte(payload, 0, get_byte(payload, 0) # 1) WHERE position = $1",
+                )
+                .bind(at)
+                .execute(pool)
+                .await?;
+            }
             (Backdoor::Postgres(pool), Tamper::EventType(name)) => {
-                sqlx::query("UPDATE events SET event_type = $1 WHERE position = $2").bind(name).bind(at).execute(pool).await?;
+                sqlx::query("UPDATE events SET event_type = $1 WHERE position = $2")
+                    .bind(name)
+                    .bind(at)
+                    .execute(pool)
+                    .await?;
             }
             (Backdoor::Postgres(pool), Tamper::RecordedAt(us)) => {
-                sqlx::query("UPDATE events SET recorded_at_us = $1 WHERE position = $2").bind(us).bind(at).execute(pool).await?;
+                sqlx::query("UPDATE events SET recorded_at_us = $1 WHERE position = $2")
+                    .bind(us)
+                    .bind(at)
+                    .execute(pool)
+                    .await?;
             }
         }
         Ok(())
@@ -142,11 +168,11 @@ where
 {
     let fixture = Arc::new(fixture(kind).await?);
     let result = test(fixture.clone()).await;
-    if let Ok(mut fixture) = Arc::try_unwrap(fixture) {
-        if let Some(db) = fixture.postgres.take() {
-            drop(fixture);
-            db.drop_database().await;
-        }
+    if let Ok(mut fixture) = Arc::try_unwrap(fixture)
+        && let Some(db) = fixture.postgres.take()
+    {
+        drop(fixture);
+        db.drop_database().await;
     }
     result
 }
@@ -165,8 +191,12 @@ conformance!(
 
 async fn appends_and_reads_back_streams_and_the_log(f: Arc<Fixture>) -> TestResult {
     let store = &f.store;
-    let first = store.append(append("user-a", ExpectedVersion::NoStream, vec![event("a1", 300), event("a2", 300)])).await?;
-    assert_eq!((first.first_position, first.last_position, first.stream_version), (Position(1), Position(2), StreamVersion(2)));
+    let first =
+        store.append(append("user-a", ExpectedVersion::NoStream, vec![event("a1", 300), event("a2", 300)])).await?;
+    assert_eq!(
+        (first.first_position, first.last_position, first.stream_version),
+        (Position(1), Position(2), StreamVersion(2))
+    );
     let second = store.append(append("user-b", ExpectedVersion::Any, vec![event("b1", 300)])).await?;
     assert_eq!(second.first_position, Position(3));
     store.append(append("user-a", at(2), vec![event("a3", 300)])).await?;

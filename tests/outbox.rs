@@ -16,8 +16,11 @@ use support::{TestResult, append, at, event};
 const TOTAL: u64 = 10_000;
 const WRITERS: u64 = 4;
 const PER_APPEND: u64 = 25;
+/// Events the test appends itself just before the simulated crash, so that
+/// the crashed step always has something to publish; the writers add the rest.
+const CRASH_EVENTS: u64 = 100;
 
-/// Appends TOTAL events from WRITERS concurrent writers, PER_APPEND per append.
+/// Appends TOTAL − CRASH_EVENTS events from WRITERS concurrent writers, PER_APPEND per append.
 fn spawn_writers(store: Arc<dyn LogStore>) -> tokio::task::JoinHandle<TestResult> {
     tokio::spawn(async move {
         let mut tasks = Vec::new();
@@ -25,7 +28,7 @@ fn spawn_writers(store: Arc<dyn LogStore>) -> tokio::task::JoinHandle<TestResult
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let stream = format!("writer-{writer}");
-                let appends = TOTAL / WRITERS / PER_APPEND;
+                let appends = (TOTAL - CRASH_EVENTS) / WRITERS / PER_APPEND;
                 for n in 0..appends {
                     let events = (0..PER_APPEND).map(|i| event(&format!("{writer}-{n}-{i}"), 300)).collect();
                     store.append(append(&stream, at(n * PER_APPEND), events)).await?;
@@ -44,7 +47,10 @@ fn spawn_writers(store: Arc<dyn LogStore>) -> tokio::task::JoinHandle<TestResult
 }
 
 /// Starts a publisher; returns a stop switch and its task.
-fn start(store: &Arc<dyn LogStore>, bus: &Arc<dyn EventBus>) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+fn start(
+    store: &Arc<dyn LogStore>,
+    bus: &Arc<dyn EventBus>,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let publisher = OutboxPublisher::new(store.clone(), bus.clone()).with_batch(250);
     let task = tokio::spawn(publisher.run(async move {
@@ -75,6 +81,10 @@ async fn every_event_reaches_the_bus_once_in_order(store: Arc<dyn LogStore>, bus
 
     // A crash between publish and checkpoint: the page is on the bus, the
     // checkpoint still points before it.
+    for n in 0..CRASH_EVENTS / PER_APPEND {
+        let events = (0..PER_APPEND).map(|i| event(&format!("crash-{n}-{i}"), 300)).collect();
+        store.append(append("crash-probe", at(n * PER_APPEND), events)).await?;
+    }
     let checkpoint = store.load_checkpoint(CHECKPOINT).await?;
     let crashed = OutboxPublisher::new(store.clone(), bus.clone()).with_batch(300);
     match crashed.step(checkpoint).await? {

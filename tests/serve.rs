@@ -12,8 +12,17 @@ use std::time::Duration;
 use support::{TempDir, TestDatabase, TestResult};
 
 const SETTINGS: [&str; 11] = [
-    "LISTEN_ADDR", "DATABASE_URL", "NATS_URL", "NATS_STREAM", "SECRET_KEY", "ENVIRONMENT",
-    "DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE", "AUTO_MIGRATE", "LOG_FORMAT", "RUST_LOG",
+    "LISTEN_ADDR",
+    "DATABASE_URL",
+    "NATS_URL",
+    "NATS_STREAM",
+    "SECRET_KEY",
+    "ENVIRONMENT",
+    "DB_POOL_MIN_SIZE",
+    "DB_POOL_MAX_SIZE",
+    "AUTO_MIGRATE",
+    "LOG_FORMAT",
+    "RUST_LOG",
 ];
 
 /// The `privcomm` binary in `dir` with none of its settings inherited.
@@ -43,11 +52,8 @@ impl Drop for Server {
 /// Starts `command serve --listen 127.0.0.1:0` and reads the bound address
 /// from its JSON start-up log line.
 fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
-    let mut child = command
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child =
+        command.args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let (lines_tx, logs) = mpsc::channel();
     std::thread::spawn(move || {
@@ -59,7 +65,8 @@ fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::Erro
     });
     let mut seen = Vec::new();
     loop {
-        let line = logs.recv_timeout(Duration::from_secs(60)).map_err(|_| format!("no start-up line; logs: {seen:?}"))?;
+        let line =
+            logs.recv_timeout(Duration::from_secs(60)).map_err(|_| format!("no start-up line; logs: {seen:?}"))?;
         let parsed: serde_json::Value =
             serde_json::from_str(&line).map_err(|e| format!("log line is not JSON ({e}): {line}"))?;
         for field in ["timestamp", "level", "target"] {
@@ -159,11 +166,8 @@ fn production_refuses_the_default_secret_and_names_the_variable() -> TestResult 
     assert!(stderr.contains("SECRET_KEY"), "the message must name SECRET_KEY: {stderr}");
     assert!(!dir.path.join("data").exists(), "a refused start must not create anything");
 
-    let output = privcomm(&dir)
-        .env("ENVIRONMENT", "production")
-        .env("SECRET_KEY", "too-short")
-        .arg("serve")
-        .output()?;
+    let output =
+        privcomm(&dir).env("ENVIRONMENT", "production").env("SECRET_KEY", "too-short").arg("serve").output()?;
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("SECRET_KEY is 9 bytes"));
     Ok(())

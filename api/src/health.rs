@@ -50,7 +50,10 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport
 }
 
 /// Logs the cause (the client only learns `unavailable`).
-fn verdict<T, E: std::fmt::Display>(what: &str, result: Result<Result<T, E>, tokio::time::error::Elapsed>) -> &'static str {
+fn verdict<T, E: std::fmt::Display>(
+    what: &str,
+    result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+) -> &'static str {
     match result {
         Ok(Ok(_)) => "ok",
         Ok(Err(error)) => {

@@ -43,8 +43,6 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Every event after `after`, in position order, then live ones as they
     /// are published.
-    async fn subscribe(
-        &self,
-        after: Position,
-    ) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError>;
+    async fn subscribe(&self, after: Position)
+    -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError>;
 }

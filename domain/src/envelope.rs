@@ -213,10 +213,10 @@ impl ChainVerifier {
         if event.prev_hash != self.prev_hash {
             return Err(fail(ChainFault::PrevHashMismatch));
         }
-        if let Some(payload) = &event.payload {
-            if Hash::of(payload) != event.payload_hash {
-                return Err(fail(ChainFault::PayloadHashMismatch));
-            }
+        if let Some(payload) = &event.payload
+            && Hash::of(payload) != event.payload_hash
+        {
+            return Err(fail(ChainFault::PayloadHashMismatch));
         }
         if event_hash(&event.prev_hash, &event.header(), &event.payload_hash) != event.hash {
             return Err(fail(ChainFault::HashMismatch));

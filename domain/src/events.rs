@@ -361,13 +361,24 @@ impl DomainEvent {
             }
             ("SignedPreKeyRotated", 1) => {
                 let b = parse!(SignedPreKeyRotated);
-                DomainEvent::SignedPreKeyRotated { signed_prekey: b.signed_prekey, kyber_last_resort: b.kyber_last_resort }
+                DomainEvent::SignedPreKeyRotated {
+                    signed_prekey: b.signed_prekey,
+                    kyber_last_resort: b.kyber_last_resort,
+                }
             }
-            ("OneTimePreKeysUploaded", 1) => DomainEvent::OneTimePreKeysUploaded { prekeys: parse!(OneTimePreKeysUploaded).prekeys },
-            ("KyberPreKeysUploaded", 1) => DomainEvent::KyberPreKeysUploaded { prekeys: parse!(KyberPreKeysUploaded).prekeys },
+            ("OneTimePreKeysUploaded", 1) => {
+                DomainEvent::OneTimePreKeysUploaded { prekeys: parse!(OneTimePreKeysUploaded).prekeys }
+            }
+            ("KyberPreKeysUploaded", 1) => {
+                DomainEvent::KyberPreKeysUploaded { prekeys: parse!(KyberPreKeysUploaded).prekeys }
+            }
             ("PreKeyClaimed", 1) => {
                 let b = parse!(PreKeyClaimed);
-                DomainEvent::PreKeyClaimed { claimed_by: b.claimed_by, one_time_prekey: b.one_time_prekey, kyber: b.kyber }
+                DomainEvent::PreKeyClaimed {
+                    claimed_by: b.claimed_by,
+                    one_time_prekey: b.one_time_prekey,
+                    kyber: b.kyber,
+                }
             }
             ("MessageAccepted", 1) => {
                 let b = parse!(MessageAccepted);

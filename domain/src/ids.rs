@@ -105,9 +105,7 @@ impl StreamId {
         let name = name.into();
         let valid = !name.is_empty()
             && name.len() <= 128
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if valid { Ok(StreamId(name)) } else { Err(InvalidStreamId(name)) }
     }
 

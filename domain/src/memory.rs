@@ -4,9 +4,7 @@
 use crate::clock::Clock;
 use crate::envelope::RecordedEvent;
 use crate::ids::{Position, StreamId, StreamVersion};
-use crate::store::{
-    AppendOutcome, AppendRequest, ChainHead, CheckpointStore, EventStore, StoreError, plan_batch,
-};
+use crate::store::{AppendOutcome, AppendRequest, ChainHead, CheckpointStore, EventStore, StoreError, plan_batch};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

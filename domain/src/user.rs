@@ -188,7 +188,11 @@ fn upload_events(
     Ok(events)
 }
 
-fn check_pool(kind: &'static str, held: &[u32], new_ids: impl ExactSizeIterator<Item = u32>) -> Result<(), DomainError> {
+fn check_pool(
+    kind: &'static str,
+    held: &[u32],
+    new_ids: impl ExactSizeIterator<Item = u32>,
+) -> Result<(), DomainError> {
     if new_ids.len() > MAX_PREKEYS_PER_UPLOAD {
         return Err(DomainError::TooManyPreKeys { kind, max: MAX_PREKEYS_PER_UPLOAD });
     }
@@ -314,8 +318,12 @@ mod tests {
     }
 
     fn kyber(ids: std::ops::Range<u32>) -> Vec<KyberPreKey> {
-        ids.map(|id| KyberPreKey { id: KyberPreKeyId(id), public_key: Bytes(vec![2; 1569]), signature: Bytes(vec![3; 64]) })
-            .collect()
+        ids.map(|id| KyberPreKey {
+            id: KyberPreKeyId(id),
+            public_key: Bytes(vec![2; 1569]),
+            signature: Bytes(vec![3; 64]),
+        })
+        .collect()
     }
 
     fn phone() -> PhoneHash {
@@ -453,7 +461,11 @@ mod tests {
         all.extend([
             DomainEvent::IdentityKeyChanged { user_id: alice(), keys: keys(3) },
             DomainEvent::SignedPreKeyRotated { signed_prekey: keys(4).signed_prekey, kyber_last_resort: None },
-            DomainEvent::PreKeyClaimed { claimed_by: bob(), one_time_prekey: None, kyber: KyberClaim::LastResort(KyberPreKeyId(9)) },
+            DomainEvent::PreKeyClaimed {
+                claimed_by: bob(),
+                one_time_prekey: None,
+                kyber: KyberClaim::LastResort(KyberPreKeyId(9)),
+            },
             DomainEvent::MessageAccepted {
                 message_id: MessageId(Uuid::from_u128(5)),
                 sender: alice(),

@@ -54,7 +54,10 @@ impl EventBus for InProcessBus {
         Ok(*self.published.borrow())
     }
 
-    async fn subscribe(&self, after: Position) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError> {
+    async fn subscribe(
+        &self,
+        after: Position,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError> {
         let store = self.store.clone();
         let published = self.published.subscribe();
         let state = (store, published, after, Vec::<RecordedEvent>::new().into_iter());
@@ -69,7 +72,9 @@ impl EventBus for InProcessBus {
                     Err(_) => return None, // the bus was dropped
                 };
                 match store.read_all(after, PAGE).await {
-                    Ok(page) => buffered = page.into_iter().take_while(|e| e.position <= limit).collect::<Vec<_>>().into_iter(),
+                    Ok(page) => {
+                        buffered = page.into_iter().take_while(|e| e.position <= limit).collect::<Vec<_>>().into_iter()
+                    }
                     Err(error) => {
                         let error = BusError::Transport(Box::new(error));
                         return Some((Err(error), (store, published, after, buffered)));

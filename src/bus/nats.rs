@@ -135,7 +135,10 @@ impl EventBus for NatsBus {
         Ok(Position(info.state.last_sequence))
     }
 
-    async fn subscribe(&self, after: Position) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError> {
+    async fn subscribe(
+        &self,
+        after: Position,
+    ) -> Result<BoxStream<'static, Result<RecordedEvent, BusError>>, BusError> {
         let stream = self.jetstream.get_stream(&self.config.stream_name).await.map_err(transport)?;
         let deliver_policy = match after {
             Position::START => consumer::DeliverPolicy::All,

@@ -19,7 +19,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub(crate) trait BatchWriter: Send + 'static {
     /// Locks the head, plans the batch with `plan_batch`, persists the plan
     /// and commits. Returns the plan only after the commit succeeded.
-    async fn write_batch(&mut self, requests: &[AppendRequest], recorded_at: Timestamp) -> Result<BatchPlan, StoreError>;
+    async fn write_batch(
+        &mut self,
+        requests: &[AppendRequest],
+        recorded_at: Timestamp,
+    ) -> Result<BatchPlan, StoreError>;
 }
 
 struct PendingAppend {
@@ -38,7 +42,11 @@ pub(crate) const MAX_BATCH_EVENTS: usize = 2_000;
 
 impl GroupCommitter {
     /// Starts the writer task. `head` is advanced after every commit.
-    pub(crate) fn spawn(writer: impl BatchWriter, clock: Arc<dyn Clock>, head: watch::Sender<Position>) -> GroupCommitter {
+    pub(crate) fn spawn(
+        writer: impl BatchWriter,
+        clock: Arc<dyn Clock>,
+        head: watch::Sender<Position>,
+    ) -> GroupCommitter {
         let (queue, pending) = mpsc::channel(4 * MAX_BATCH_EVENTS);
         tokio::spawn(write_loop(writer, clock, head, pending));
         GroupCommitter { queue }

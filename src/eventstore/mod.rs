@@ -18,8 +18,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use privcomm_domain::{
-    CheckpointStore, EventId, EventStore, Hash, Position, RecordedEvent, StoreError, StreamId, StreamVersion,
-    Timestamp,
+    CheckpointStore, EventId, EventStore, Hash, Position, RecordedEvent, StoreError, StreamId, StreamVersion, Timestamp,
 };
 use uuid::Uuid;
 
@@ -91,16 +90,16 @@ impl StoredRow {
 /// stream version it is a lost optimistic-concurrency race (which the head
 /// lock should make impossible, but the constraint is the last word).
 pub(crate) fn sql_error(error: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(db) = &error {
-        if db.is_unique_violation() {
-            let constraint = db.constraint().unwrap_or_default();
-            let message = db.message();
-            if constraint.contains("event_id") || message.contains("events.event_id") {
-                return StoreError::DuplicateEventId;
-            }
-            if constraint.contains("stream") || message.contains("events.stream_id") {
-                return StoreError::Storage("concurrent write to the same stream version".into());
-            }
+    if let sqlx::Error::Database(db) = &error
+        && db.is_unique_violation()
+    {
+        let constraint = db.constraint().unwrap_or_default();
+        let message = db.message();
+        if constraint.contains("event_id") || message.contains("events.event_id") {
+            return StoreError::DuplicateEventId;
+        }
+        if constraint.contains("stream") || message.contains("events.stream_id") {
+            return StoreError::Storage("concurrent write to the same stream version".into());
         }
     }
     if matches!(error, sqlx::Error::PoolClosed) {

@@ -91,10 +91,8 @@ impl PostgresEventStore {
 }
 
 async fn read_head(pool: &PgPool) -> Result<Position, StoreError> {
-    let position: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
-        .fetch_one(pool)
-        .await
-        .map_err(sql_error)?;
+    let position: i64 =
+        sqlx::query_scalar("SELECT position FROM event_log_head").fetch_one(pool).await.map_err(sql_error)?;
     Ok(Position(position as u64))
 }
 
@@ -130,7 +128,11 @@ struct PostgresBatchWriter {
 
 #[async_trait]
 impl BatchWriter for PostgresBatchWriter {
-    async fn write_batch(&mut self, requests: &[AppendRequest], recorded_at: Timestamp) -> Result<BatchPlan, StoreError> {
+    async fn write_batch(
+        &mut self,
+        requests: &[AppendRequest],
+        recorded_at: Timestamp,
+    ) -> Result<BatchPlan, StoreError> {
         let mut tx = self.pool.begin().await.map_err(sql_error)?;
         let (position, hash): (i64, Vec<u8>) =
             sqlx::query_as("SELECT position, hash FROM event_log_head WHERE singleton FOR UPDATE")
@@ -139,8 +141,10 @@ impl BatchWriter for PostgresBatchWriter {
                 .map_err(sql_error)?;
         let head = ChainHead {
             position: Position(position as u64),
-            hash: Hash::from_slice(&hash)
-                .ok_or_else(|| StoreError::Corrupt { position: Position(position as u64), reason: "head hash".into() })?,
+            hash: Hash::from_slice(&hash).ok_or_else(|| StoreError::Corrupt {
+                position: Position(position as u64),
+                reason: "head hash".into(),
+            })?,
         };
 
         let mut streams: Vec<&str> = requests.iter().map(|r| r.stream_id.as_str()).collect();
@@ -266,7 +270,8 @@ impl EventStore for PostgresEventStore {
         after: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        const SQL: &str = select_events!("WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3");
+        const SQL: &str =
+            select_events!("WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3");
         let rows = sqlx::query(SQL)
             .bind(stream_id.as_str())
             .bind(after.0 as i64)
@@ -279,12 +284,8 @@ impl EventStore for PostgresEventStore {
 
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         const SQL: &str = select_events!("WHERE position > $1 ORDER BY position LIMIT $2");
-        let rows = sqlx::query(SQL)
-            .bind(after.0 as i64)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(sql_error)?;
+        let rows =
+            sqlx::query(SQL).bind(after.0 as i64).bind(limit as i64).fetch_all(&self.pool).await.map_err(sql_error)?;
         rows.iter().map(decode).collect()
     }
 

@@ -15,8 +15,10 @@ use privcomm_domain::{
     AppendOutcome, AppendRequest, CheckpointStore, Clock, EventStore, Hash, Position, RecordedEvent, StoreError,
     StreamId, StreamVersion, Timestamp,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -62,7 +64,11 @@ pub async fn connect_pools(url: &str) -> Result<(SqlitePool, SqlitePool), StoreE
 
 impl SqliteEventStore {
     /// Opens the store on a migrated database.
-    pub async fn open(readers: SqlitePool, writer: SqlitePool, clock: Arc<dyn Clock>) -> Result<SqliteEventStore, StoreError> {
+    pub async fn open(
+        readers: SqlitePool,
+        writer: SqlitePool,
+        clock: Arc<dyn Clock>,
+    ) -> Result<SqliteEventStore, StoreError> {
         let head = watch::channel(read_head(&readers).await?).0;
         let committer = GroupCommitter::spawn(SqliteBatchWriter { pool: writer.clone() }, clock.clone(), head.clone());
         Ok(SqliteEventStore { readers, writer, committer, head, clock })
@@ -75,7 +81,8 @@ impl SqliteEventStore {
 }
 
 async fn read_head(pool: &SqlitePool) -> Result<Position, StoreError> {
-    let position: i64 = sqlx::query_scalar("SELECT position FROM event_log_head").fetch_one(pool).await.map_err(sql_error)?;
+    let position: i64 =
+        sqlx::query_scalar("SELECT position FROM event_log_head").fetch_one(pool).await.map_err(sql_error)?;
     Ok(Position(position as u64))
 }
 
@@ -85,16 +92,20 @@ struct SqliteBatchWriter {
 
 #[async_trait]
 impl BatchWriter for SqliteBatchWriter {
-    async fn write_batch(&mut self, requests: &[AppendRequest], recorded_at: Timestamp) -> Result<BatchPlan, StoreError> {
+    async fn write_batch(
+        &mut self,
+        requests: &[AppendRequest],
+        recorded_at: Timestamp,
+    ) -> Result<BatchPlan, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_error)?;
-        let (position, hash): (i64, Vec<u8>) = sqlx::query_as("SELECT position, hash FROM event_log_head")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sql_error)?;
+        let (position, hash): (i64, Vec<u8>) =
+            sqlx::query_as("SELECT position, hash FROM event_log_head").fetch_one(&mut *tx).await.map_err(sql_error)?;
         let head = ChainHead {
             position: Position(position as u64),
-            hash: Hash::from_slice(&hash)
-                .ok_or_else(|| StoreError::Corrupt { position: Position(position as u64), reason: "head hash".into() })?,
+            hash: Hash::from_slice(&hash).ok_or_else(|| StoreError::Corrupt {
+                position: Position(position as u64),
+                reason: "head hash".into(),
+            })?,
         };
         let mut versions = HashMap::new();
         for request in requests {
