@@ -79,6 +79,12 @@ pub enum ConfigError {
     /// Unknown database scheme.
     #[error("DATABASE_URL must start with sqlite:, postgres:// or postgresql://")]
     UnsupportedDatabaseUrl,
+    /// An in-memory SQLite database would vanish with the process, and its
+    /// reader and writer connections would each see a different one.
+    #[error(
+        "DATABASE_URL points at an in-memory SQLite database; use a file (sqlite:PATH) so events survive a restart"
+    )]
+    InMemorySqlite,
     /// Pool bounds the wrong way round.
     #[error("DB_POOL_MIN_SIZE ({min}) is larger than DB_POOL_MAX_SIZE ({max})")]
     PoolBounds {
@@ -93,6 +99,9 @@ impl ServeConfig {
     /// Checks the rules that do not need a connection.
     pub fn validate(&self) -> Result<Backend, ConfigError> {
         let backend = Backend::of_url(&self.database_url).ok_or(ConfigError::UnsupportedDatabaseUrl)?;
+        if backend == Backend::Sqlite && self.database_url.contains(":memory:") {
+            return Err(ConfigError::InMemorySqlite);
+        }
         if self.db_pool_min_size > self.db_pool_max_size || self.db_pool_max_size == 0 {
             return Err(ConfigError::PoolBounds { min: self.db_pool_min_size, max: self.db_pool_max_size });
         }
@@ -137,6 +146,7 @@ mod tests {
     fn development_accepts_defaults_and_rejects_unknown_databases() {
         assert_eq!(parse(&[]).validate(), Ok(Backend::Sqlite));
         assert_eq!(parse(&["--database-url", "mysql://x"]).validate(), Err(ConfigError::UnsupportedDatabaseUrl));
+        assert_eq!(parse(&["--database-url", "sqlite::memory:"]).validate(), Err(ConfigError::InMemorySqlite));
         assert_eq!(
             parse(&["--db-pool-min-size", "9", "--db-pool-max-size", "3"]).validate(),
             Err(ConfigError::PoolBounds { min: 9, max: 3 })

@@ -13,25 +13,39 @@ use crate::outbox::OutboxPublisher;
 use anyhow::Context as _;
 use privcomm_api::AppState;
 use privcomm_domain::EventBus;
+use std::fs::File;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// An opened event store, and for SQLite the lock that keeps other
+/// processes off its file for as long as this value lives.
+pub struct OpenedStore {
+    /// The store.
+    pub store: Arc<dyn LogStore>,
+    _file_lock: Option<File>,
+}
+
 /// Opens (and in embedded mode creates and migrates) the event store.
-pub async fn open_store(config: &ServeConfig) -> anyhow::Result<Arc<dyn LogStore>> {
+pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
     let backend = config.validate()?;
     let clock = Arc::new(SystemClock);
     match backend {
         Backend::Sqlite => {
-            create_parent_dir(&config.database_url)?;
+            let path = sqlite_path(&config.database_url);
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let file_lock = lock_exclusively(&path)?;
             migrate::migrate_up(&config.database_url).await?;
             let (readers, writer) = crate::eventstore::sqlite::connect_pools(&config.database_url)
                 .await
                 .with_context(|| format!("opening SQLite database {}", config.database_url))?;
-            Ok(Arc::new(SqliteEventStore::open(readers, writer, clock).await?))
+            let store = Arc::new(SqliteEventStore::open(readers, writer, clock).await?);
+            Ok(OpenedStore { store, _file_lock: Some(file_lock) })
         }
         Backend::Postgres => {
             let size = PoolSize { min: config.db_pool_min_size, max: config.db_pool_max_size };
@@ -47,22 +61,39 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<Arc<dyn LogStore
                     "the PostgreSQL database has {pending} pending migration(s): run `privcomm migrate` first, or start with --migrate (AUTO_MIGRATE=true)"
                 );
             }
-            Ok(Arc::new(PostgresEventStore::open(pool, clock).await?))
+            let store = Arc::new(PostgresEventStore::open(pool, clock).await?);
+            Ok(OpenedStore { store, _file_lock: None })
         }
     }
 }
 
-/// `sqlite:data/privcomm.db` → creates `data/` so a first run just works.
-fn create_parent_dir(url: &str) -> anyhow::Result<()> {
+/// `sqlite:data/privcomm.db` or `sqlite://data/privcomm.db?mode=rwc` → `data/privcomm.db`.
+fn sqlite_path(url: &str) -> PathBuf {
     let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
-    let path = path.split('?').next().unwrap_or(path);
-    if path.is_empty() || path == ":memory:" {
-        return Ok(());
+    PathBuf::from(path.split('?').next().unwrap_or(path))
+}
+
+/// Embedded mode announces new events in-process, so a second process on the
+/// same file would never be woken by the first one's appends. Refuse it.
+fn lock_exclusively(database: &Path) -> anyhow::Result<File> {
+    let lock_path = database.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another privcomm process is already serving {} (lock {}); embedded mode allows one process per database file — use PostgreSQL + NATS to run several",
+            database.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", lock_path.display()))
+        }
     }
-    if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    Ok(())
 }
 
 /// Opens the bus: JetStream when `NATS_URL` is set, else in-process.
@@ -83,7 +114,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = open_store(&config).await?;
+    let opened = open_store(&config).await?;
+    let store = opened.store.clone();
     let bus = open_bus(&config, store.clone()).await?;
     let (stop, stopped) = watch::channel(false);
     let wait_stop = move || {
@@ -106,6 +138,7 @@ pub async fn run(
         .await
         .context("serving HTTP")?;
     let _ = outbox.await;
+    drop(opened);
     tracing::info!("privcomm stopped");
     Ok(())
 }

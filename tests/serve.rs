@@ -118,6 +118,13 @@ async fn with_no_configuration_it_serves_on_a_new_sqlite_file() -> TestResult {
     // A restart finds its data and migrations in place.
     let server = start_server(privcomm(&dir))?;
     assert_eq!(health(server.address).await?.0, 200);
+
+    // A second process on the same file is refused, and says why.
+    let output = privcomm(&dir).args(["serve", "--listen", "127.0.0.1:0"]).output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("another privcomm process"), "{stderr}");
+    assert_eq!(health(server.address).await?.0, 200, "the first server must be unaffected");
     Ok(())
 }
 

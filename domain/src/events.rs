@@ -299,7 +299,7 @@ impl DomainEvent {
     }
 
     /// Serializes the event for appending under `event_id`.
-    pub fn to_new_event(&self, event_id: EventId) -> NewEvent {
+    pub fn to_new_event(&self, event_id: EventId) -> Result<NewEvent, serde_json::Error> {
         use body::*;
         let json = match self.clone() {
             DomainEvent::UserRegistered { user_id, phone_hash, keys } => {
@@ -330,14 +330,12 @@ impl DomainEvent {
                 serde_json::to_vec(&EventsCompacted { up_to, dropped_payloads })
             }
         };
-        NewEvent {
+        Ok(NewEvent {
             event_id,
             event_type: self.event_type().to_owned(),
             schema_version: self.schema_version(),
-            // Serializing these plain structs to a Vec cannot fail (no maps
-            // with non-string keys, no failing Serialize impls).
-            payload: json.unwrap_or_default(),
-        }
+            payload: json?,
+        })
     }
 
     /// Decodes a stored event.

@@ -479,7 +479,7 @@ mod tests {
             DomainEvent::EventsCompacted { up_to: Position(10), dropped_payloads: 3 },
         ]);
         for event in all {
-            let new = event.to_new_event(EventId(Uuid::from_u128(42)));
+            let new = event.to_new_event(EventId(Uuid::from_u128(42))).expect("serializes");
             let recorded = crate::envelope::RecordedEvent {
                 position: Position(1),
                 stream_id: StreamId::for_user(alice()),
