@@ -4,7 +4,9 @@
 
 use crate::eventstore::Backend;
 use clap::{Args, ValueEnum};
+use privcomm_api::limits::{RateLimit, RateLimits};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// The built-in development secret. Production refuses to start with it.
 pub const DEVELOPMENT_SECRET_KEY: &str = "privcomm-development-secret-key-change-me!";
@@ -63,7 +65,47 @@ pub struct ServeConfig {
     /// `json` or `text`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+    /// Origins allowed by CORS, comma-separated.
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "http://localhost:19006")]
+    pub cors_origins: Vec<String>,
+    /// Registrations per client IP, as `COUNT/WINDOW` (window: `500ms`, `30s`, `1m`, `1h`).
+    #[arg(long, env = "RATE_LIMIT_REGISTRATION", default_value = "10/1h", value_parser = parse_rate_limit)]
+    pub rate_limit_registration: RateLimit,
+    /// Key-bundle fetches per requesting user.
+    #[arg(long, env = "RATE_LIMIT_KEY_BUNDLE", default_value = "5/1m", value_parser = parse_rate_limit)]
+    pub rate_limit_key_bundle: RateLimit,
+    /// Login tokens issued per user.
+    #[arg(long, env = "RATE_LIMIT_TOKEN", default_value = "10/1m", value_parser = parse_rate_limit)]
+    pub rate_limit_token: RateLimit,
+    /// User aggregates kept folded in memory by the API.
+    #[arg(long, env = "USER_CACHE_SIZE", default_value_t = 2_000)]
+    pub user_cache_size: usize,
 }
+
+/// `COUNT/WINDOW`, e.g. `10/1h`, `5/1m`, `3/500ms`.
+pub fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+    let usage = || format!("{text:?}: expected COUNT/WINDOW such as 10/1h, 5/1m, 30/10s or 3/500ms");
+    let (count, window) = text.split_once('/').ok_or_else(usage)?;
+    let requests: u32 = count.trim().parse().map_err(|_| usage())?;
+    let window = window.trim();
+    let (number, unit) = window.split_at(window.find(|c: char| !c.is_ascii_digit()).unwrap_or(window.len()));
+    let number: u64 = number.parse().map_err(|_| usage())?;
+    let per = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => return Err(usage()),
+    };
+    if requests == 0 || per.is_zero() {
+        return Err(format!("{text:?}: count and window must be positive"));
+    }
+    Ok(RateLimit { requests, per })
+}
+
+/// Database passwords that are as good as none.
+const DEFAULT_DATABASE_PASSWORDS: [&str; 8] =
+    ["", "postgres", "password", "privcomm", "changeme", "secret", "admin", "root"];
 
 /// A configuration the server refuses to start with. Each names its variable.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +127,17 @@ pub enum ConfigError {
         "DATABASE_URL points at an in-memory SQLite database; use a file (sqlite:PATH) so events survive a restart"
     )]
     InMemorySqlite,
+    /// Production with a guessable database password.
+    #[error("DATABASE_URL carries a default password; set a strong one before running with ENVIRONMENT=production")]
+    DefaultDatabasePassword,
+    /// Production with CORS open to localhost.
+    #[error(
+        "CORS_ORIGINS allows {0}, a localhost origin; list only your production origins with ENVIRONMENT=production"
+    )]
+    LocalhostCorsOrigin(String),
+    /// An origin that is not `scheme://host[:port]`.
+    #[error("CORS_ORIGINS entry {0:?} is not an origin like https://app.example.org")]
+    InvalidCorsOrigin(String),
     /// Pool bounds the wrong way round.
     #[error("DB_POOL_MIN_SIZE ({min}) is larger than DB_POOL_MAX_SIZE ({max})")]
     PoolBounds {
@@ -105,6 +158,14 @@ impl ServeConfig {
         if self.db_pool_min_size > self.db_pool_max_size || self.db_pool_max_size == 0 {
             return Err(ConfigError::PoolBounds { min: self.db_pool_min_size, max: self.db_pool_max_size });
         }
+        for origin in &self.cors_origins {
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.trim_start_matches("https://").trim_start_matches("http://").contains('/')
+                && axum::http::HeaderValue::from_str(origin).is_ok();
+            if !valid {
+                return Err(ConfigError::InvalidCorsOrigin(origin.clone()));
+            }
+        }
         if self.environment == Environment::Production {
             if self.secret_key == DEVELOPMENT_SECRET_KEY {
                 return Err(ConfigError::DefaultSecretKey);
@@ -112,9 +173,50 @@ impl ServeConfig {
             if self.secret_key.len() < 32 {
                 return Err(ConfigError::ShortSecretKey(self.secret_key.len()));
             }
+            if backend == Backend::Postgres && has_default_password(&self.database_url) {
+                return Err(ConfigError::DefaultDatabasePassword);
+            }
+            if let Some(origin) = self.cors_origins.iter().find(|o| is_localhost_origin(o)) {
+                return Err(ConfigError::LocalhostCorsOrigin(origin.clone()));
+            }
         }
         Ok(backend)
     }
+
+    /// The API's settings.
+    pub fn api_config(&self) -> privcomm_api::ApiConfig {
+        privcomm_api::ApiConfig {
+            secret_key: self.secret_key.as_bytes().to_vec(),
+            tokens: privcomm_api::tokens::TokenSettings::default(),
+            rate_limits: RateLimits {
+                registration: self.rate_limit_registration,
+                key_bundle: self.rate_limit_key_bundle,
+                token_issue: self.rate_limit_token,
+            },
+            cors_origins: self.cors_origins.clone(),
+            user_cache_capacity: self.user_cache_size,
+        }
+    }
+}
+
+/// `postgres://user:PASSWORD@host/db` with a password from the default list
+/// (or none at all).
+fn has_default_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let Some((credentials, _host)) = authority.rsplit_once('@') else { return true };
+    let password = credentials.split_once(':').map_or("", |(_, p)| p);
+    DEFAULT_DATABASE_PASSWORDS.contains(&password)
+}
+
+fn is_localhost_origin(origin: &str) -> bool {
+    let host = origin.trim_start_matches("https://").trim_start_matches("http://");
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or(host).trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    host == "localhost" || host.ends_with(".localhost") || host == "::1" || host.starts_with("127.")
 }
 
 #[cfg(test)]
@@ -138,8 +240,61 @@ mod tests {
         assert_eq!(config.validate(), Err(ConfigError::DefaultSecretKey));
         let config = parse(&["--environment", "production", "--secret-key", "short"]);
         assert_eq!(config.validate(), Err(ConfigError::ShortSecretKey(5)));
-        let config = parse(&["--environment", "production", "--secret-key", &"k".repeat(32)]);
+        let strong = "k".repeat(32);
+        let config = parse(&[
+            "--environment",
+            "production",
+            "--secret-key",
+            &strong,
+            "--cors-origins",
+            "https://app.example.org",
+        ]);
         assert_eq!(config.validate(), Ok(Backend::Sqlite));
+    }
+
+    #[test]
+    fn production_refuses_default_database_passwords() {
+        let strong = "k".repeat(32);
+        let base =
+            ["--environment", "production", "--secret-key", &strong, "--cors-origins", "https://app.example.org"];
+        let with_db = |url: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--database-url", url]);
+            parse(&args).validate()
+        };
+        for weak in [
+            "postgres://privcomm:privcomm@db/p",
+            "postgres://postgres:postgres@db/p",
+            "postgres://app@db/p",
+            "postgresql://u:password@db:5432/p",
+        ] {
+            assert_eq!(with_db(weak), Err(ConfigError::DefaultDatabasePassword), "{weak}");
+        }
+        assert_eq!(with_db("postgres://app:Xq9-long-random@db/p"), Ok(Backend::Postgres));
+    }
+
+    #[test]
+    fn production_refuses_localhost_cors_origins() {
+        let strong = "k".repeat(32);
+        for origin in ["http://localhost:19006", "http://127.0.0.1:3000", "http://[::1]:8080", "https://app.localhost"]
+        {
+            let config = parse(&["--environment", "production", "--secret-key", &strong, "--cors-origins", origin]);
+            assert_eq!(config.validate(), Err(ConfigError::LocalhostCorsOrigin(origin.into())), "{origin}");
+        }
+        // The default (http://localhost:19006) is refused too.
+        let config = parse(&["--environment", "production", "--secret-key", &strong]);
+        assert!(matches!(config.validate(), Err(ConfigError::LocalhostCorsOrigin(_))));
+        let config = parse(&["--cors-origins", "not an origin"]);
+        assert!(matches!(config.validate(), Err(ConfigError::InvalidCorsOrigin(_))));
+    }
+
+    #[test]
+    fn rate_limits_parse_and_refuse_nonsense() {
+        assert_eq!(parse_rate_limit("10/1h"), Ok(RateLimit { requests: 10, per: Duration::from_secs(3600) }));
+        assert_eq!(parse_rate_limit("3/500ms"), Ok(RateLimit { requests: 3, per: Duration::from_millis(500) }));
+        for bad in ["10", "0/1m", "5/0s", "x/1m", "5/1d", "5/m"] {
+            assert!(parse_rate_limit(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

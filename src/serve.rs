@@ -126,8 +126,9 @@ pub async fn run(
     };
     let outbox = tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(wait_stop()));
 
-    let app = privcomm_api::router(AppState { store: store.clone(), bus })
-        .layer(tower_http::trace::TraceLayer::new_for_http());
+    let api_config = config.api_config();
+    let state = AppState::new(store.clone(), bus, store.clone(), Arc::new(SystemClock), &api_config);
+    let app = privcomm_api::router(state, &api_config);
     let address = listener.local_addr().context("reading the listen address")?;
     tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

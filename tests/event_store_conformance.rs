@@ -187,6 +187,7 @@ conformance!(
     a_waiting_reader_wakes_on_append,
     a_reused_event_id_is_refused_without_harming_others,
     checkpoints_persist,
+    a_nonce_is_consumed_once_and_forgotten_after_expiry,
 );
 
 async fn appends_and_reads_back_streams_and_the_log(f: Arc<Fixture>) -> TestResult {
@@ -419,5 +420,17 @@ async fn checkpoints_persist(f: Arc<Fixture>) -> TestResult {
     f.store.save_checkpoint("outbox", Position(18)).await?;
     assert_eq!(f.store.load_checkpoint("outbox").await?, Position(18));
     assert_eq!(f.store.load_checkpoint("other").await?, Position(3));
+    Ok(())
+}
+
+async fn a_nonce_is_consumed_once_and_forgotten_after_expiry(f: Arc<Fixture>) -> TestResult {
+    use privcomm_domain::Timestamp;
+    let (nonce, other) = ([7u8; 32], [8u8; 32]);
+    assert!(f.store.consume(nonce, Timestamp(1_060), Timestamp(1_000)).await?, "first use");
+    assert!(!f.store.consume(nonce, Timestamp(1_060), Timestamp(1_001)).await?, "second use must be refused");
+    assert!(f.store.consume(other, Timestamp(1_060), Timestamp(1_002)).await?, "another nonce is independent");
+    // Once expired, the entry may be dropped; the nonce itself is refused by
+    // its own expiry check before the ledger is asked.
+    assert!(f.store.consume(nonce, Timestamp(2_060), Timestamp(2_000)).await?);
     Ok(())
 }

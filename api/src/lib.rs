@@ -1,18 +1,61 @@
 //! privcomm's HTTP API (axum).
 //!
-//! One [`AppState`] is shared by every route; each resource is a module with
-//! a `router()`; [`router`] composes them. This crate knows the event store
-//! and bus only through the `privcomm_domain` traits — the `privcomm` binary
-//! chooses the implementations.
+//! One [`AppState`] is shared by every handler; each resource is a module
+//! with a `router()` ([`accounts`], [`auth`], [`keys`], [`push`], [`health`]);
+//! [`router`] composes them with the cross-cutting layers: request ids,
+//! JSON request logs, CORS, rate limits ([`limits`]), metrics ([`metrics`]),
+//! and the OpenAPI document ([`openapi`]). Every state change is a command on
+//! a user aggregate ([`users`]), appended as events; errors are one type,
+//! [`error::ApiError`]. Keys are checked with libsignal ([`validate`]);
+//! login challenges and tokens live in [`tokens`].
 //!
-//! Routes so far: `GET /health/` ([`health`]). Registration, keys, login
-//! tokens and TURN credentials follow.
+//! This crate knows the event store, bus and nonce ledger only through the
+//! `privcomm_domain` traits — the `privcomm` binary chooses implementations.
 
+pub mod accounts;
+pub mod auth;
+pub mod error;
 pub mod health;
+pub mod json;
+pub mod keys;
+pub mod limits;
+pub mod metrics;
+pub mod openapi;
+pub mod push;
+pub mod tokens;
+pub mod users;
+pub mod validate;
+pub mod wire;
 
 use axum::Router;
-use privcomm_domain::{EventBus, EventStore};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, HeaderValue, Method, Request, header};
+use axum::routing::get;
+use privcomm_domain::nonces::NonceLedger;
+use privcomm_domain::{Clock, EventBus, EventStore};
 use std::sync::Arc;
+use std::time::Duration;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// The request-id header, taken from the client or generated.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Settings of the API.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// `SECRET_KEY`: signs login tokens and challenges.
+    pub secret_key: Vec<u8>,
+    /// Token and challenge lifetimes.
+    pub tokens: tokens::TokenSettings,
+    /// Rate limits.
+    pub rate_limits: limits::RateLimits,
+    /// `CORS_ORIGINS`.
+    pub cors_origins: Vec<String>,
+    /// How many user aggregates to keep folded in memory.
+    pub user_cache_capacity: usize,
+}
 
 /// State shared by every handler.
 #[derive(Clone)]
@@ -21,9 +64,104 @@ pub struct AppState {
     pub store: Arc<dyn EventStore>,
     /// The fan-out bus.
     pub bus: Arc<dyn EventBus>,
+    /// Single use of login challenges.
+    pub nonces: Arc<dyn NonceLedger>,
+    /// Now.
+    pub clock: Arc<dyn Clock>,
+    /// User aggregates: decide and append.
+    pub users: Arc<users::UserDirectory>,
+    /// Challenges and tokens.
+    pub tokens: Arc<tokens::Tokens>,
+    /// Limits checked inside handlers.
+    pub limits: Arc<limits::HandlerLimits>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
-/// The whole HTTP API.
-pub fn router(state: AppState) -> Router {
-    Router::new().merge(health::router()).with_state(state)
+impl AppState {
+    /// Builds the state from its dependencies.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        bus: Arc<dyn EventBus>,
+        nonces: Arc<dyn NonceLedger>,
+        clock: Arc<dyn Clock>,
+        config: &ApiConfig,
+    ) -> AppState {
+        let metrics = Arc::new(metrics::Metrics::default());
+        AppState {
+            users: Arc::new(users::UserDirectory::new(store.clone(), config.user_cache_capacity, metrics.clone())),
+            tokens: Arc::new(tokens::Tokens::new(&config.secret_key, config.tokens.clone())),
+            limits: Arc::new(limits::HandlerLimits::new(&config.rate_limits, metrics.clone())),
+            store,
+            bus,
+            nonces,
+            clock,
+            metrics,
+        }
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    metrics::render(State(state.metrics)).await
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS, Method::PUT, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
+        .expose_headers([REQUEST_ID])
+        .max_age(Duration::from_secs(600))
+}
+
+/// The whole HTTP API. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: the registration
+/// limit is keyed by the client's address.
+pub fn router(state: AppState, config: &ApiConfig) -> Router {
+    let limits = config.rate_limits;
+    let accounts = limits::limit_registration(accounts::router(), limits.registration, state.metrics.clone());
+    let bundles = limits::limit_key_bundle(
+        keys::bundle_router(),
+        limits.key_bundle,
+        state.tokens.clone(),
+        state.clock.clone(),
+        state.metrics.clone(),
+    );
+    Router::new()
+        .merge(health::router())
+        .merge(accounts)
+        .merge(auth::router())
+        .merge(bundles)
+        .merge(keys::router())
+        .merge(push::router())
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi::serve))
+        .route_layer(axum::middleware::from_fn_with_state(state.metrics.clone(), metrics::track))
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))
+        .layer(cors(&config.cors_origins))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    let request_id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id = %request_id,
+                        user_id = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(|response: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
+                    tracing::info!(
+                        status = response.status().as_u16(),
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "request completed"
+                    );
+                }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }

@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod events;
 pub mod ids;
 pub mod memory;
+pub mod nonces;
 pub mod store;
 pub mod user;
 

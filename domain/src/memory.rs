@@ -23,12 +23,18 @@ pub struct InMemoryEventStore {
     log: Mutex<Log>,
     head: watch::Sender<Position>,
     clock: Arc<dyn Clock>,
+    nonces: crate::nonces::InMemoryNonceLedger,
 }
 
 impl InMemoryEventStore {
     /// An empty log stamped by `clock`.
     pub fn new(clock: Arc<dyn Clock>) -> InMemoryEventStore {
-        InMemoryEventStore { log: Mutex::new(Log::default()), head: watch::channel(Position::START).0, clock }
+        InMemoryEventStore {
+            log: Mutex::new(Log::default()),
+            head: watch::channel(Position::START).0,
+            clock,
+            nonces: crate::nonces::InMemoryNonceLedger::default(),
+        }
     }
 
     fn log(&self) -> MutexGuard<'_, Log> {
@@ -125,5 +131,17 @@ impl CheckpointStore for InMemoryEventStore {
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         self.log().checkpoints.insert(name.to_owned(), position);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl crate::nonces::NonceLedger for InMemoryEventStore {
+    async fn consume(
+        &self,
+        nonce_id: [u8; 32],
+        expires_at: crate::ids::Timestamp,
+        now: crate::ids::Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.nonces.consume(nonce_id, expires_at, now).await
     }
 }

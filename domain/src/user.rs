@@ -96,6 +96,13 @@ pub enum UserCommand {
         /// The requester.
         claimed_by: UserId,
     },
+    /// Register (or replace) the push token for offline notifications.
+    RegisterPushToken {
+        /// `fcm`, `apns`, …
+        platform: String,
+        /// The platform's device token.
+        token: String,
+    },
 }
 
 /// A registered user's write-side state.
@@ -153,6 +160,13 @@ pub fn decide(state: &UserState, command: &UserCommand) -> Result<Vec<DomainEven
             Ok(vec![DomainEvent::SignedPreKeyRotated {
                 signed_prekey: signed_prekey.clone(),
                 kyber_last_resort: kyber_last_resort.clone(),
+            }])
+        }
+        (UserCommand::RegisterPushToken { platform, token }, Some(user)) => {
+            Ok(vec![DomainEvent::PushTokenRegistered {
+                user_id: user.user_id,
+                platform: platform.clone(),
+                token: token.clone(),
             }])
         }
         (UserCommand::ClaimPreKeys { claimed_by }, Some(user)) => {

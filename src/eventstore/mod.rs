@@ -17,14 +17,15 @@ pub(crate) mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 
+use privcomm_domain::nonces::NonceLedger;
 use privcomm_domain::{
     CheckpointStore, EventId, EventStore, Hash, Position, RecordedEvent, StoreError, StreamId, StreamVersion, Timestamp,
 };
 use uuid::Uuid;
 
-/// A log that also keeps checkpoints: what every role is handed.
-pub trait LogStore: EventStore + CheckpointStore {}
-impl<T: EventStore + CheckpointStore> LogStore for T {}
+/// A log that also keeps checkpoints and the nonce ledger: what every role is handed.
+pub trait LogStore: EventStore + CheckpointStore + NonceLedger {}
+impl<T: EventStore + CheckpointStore + NonceLedger> LogStore for T {}
 
 /// Which backend a database URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -348,3 +348,24 @@ impl CheckpointStore for PostgresEventStore {
         Ok(())
     }
 }
+
+#[async_trait]
+impl privcomm_domain::nonces::NonceLedger for PostgresEventStore {
+    async fn consume(&self, nonce_id: [u8; 32], expires_at: Timestamp, now: Timestamp) -> Result<bool, StoreError> {
+        // Expired rows go in the same round trip as the insert.
+        sqlx::query("DELETE FROM used_auth_nonces WHERE expires_at_us < $1")
+            .bind(now.0)
+            .execute(&self.pool)
+            .await
+            .map_err(sql_error)?;
+        let inserted = sqlx::query(
+            "INSERT INTO used_auth_nonces (nonce_hash, expires_at_us) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(nonce_id.as_slice())
+        .bind(expires_at.0)
+        .execute(&self.pool)
+        .await
+        .map_err(sql_error)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+}

@@ -266,3 +266,23 @@ impl CheckpointStore for SqliteEventStore {
         Ok(())
     }
 }
+
+#[async_trait]
+impl privcomm_domain::nonces::NonceLedger for SqliteEventStore {
+    async fn consume(&self, nonce_id: [u8; 32], expires_at: Timestamp, now: Timestamp) -> Result<bool, StoreError> {
+        sqlx::query("DELETE FROM used_auth_nonces WHERE expires_at_us < ?")
+            .bind(now.0)
+            .execute(&self.writer)
+            .await
+            .map_err(sql_error)?;
+        let inserted = sqlx::query(
+            "INSERT INTO used_auth_nonces (nonce_hash, expires_at_us) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(nonce_id.as_slice())
+        .bind(expires_at.0)
+        .execute(&self.writer)
+        .await
+        .map_err(sql_error)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+}

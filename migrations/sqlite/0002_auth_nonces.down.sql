@@ -1,0 +1,2 @@
+-- Forgets used nonces.
+DROP TABLE used_auth_nonces;

@@ -1,0 +1,229 @@
+//! A real API server on port 0 over a real store, and clients that hold real
+//! libsignal keys.
+#![allow(dead_code)]
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use libsignal_protocol::{IdentityKeyPair, KeyPair, kem};
+use privcomm::bus::inprocess::InProcessBus;
+use privcomm::eventstore::LogStore;
+use privcomm_api::limits::{RateLimit, RateLimits};
+use privcomm_api::{ApiConfig, AppState};
+use privcomm_domain::clock::ManualClock;
+use privcomm_domain::{EventBus, Timestamp};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const SECRET: &str = "test-secret-key-that-is-long-enough-0123456789";
+
+/// Where a test API keeps its events.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// SQLite + in-process bus.
+    Embedded,
+    /// PostgreSQL + NATS JetStream.
+    Cluster,
+}
+
+/// Limits high enough that only tests about limits meet them.
+pub fn generous_limits() -> RateLimits {
+    let many = RateLimit { requests: 100_000, per: Duration::from_secs(1) };
+    RateLimits { registration: many, key_bundle: many, token_issue: many }
+}
+
+pub fn config(limits: RateLimits) -> ApiConfig {
+    ApiConfig {
+        secret_key: SECRET.as_bytes().to_vec(),
+        tokens: Default::default(),
+        rate_limits: limits,
+        cors_origins: vec!["https://app.example.org".into()],
+        user_cache_capacity: 1_000,
+    }
+}
+
+/// A running API with its store and clock.
+pub struct TestApi {
+    pub base: String,
+    pub store: Arc<dyn LogStore>,
+    pub clock: Arc<ManualClock>,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Dir(super::TempDir),
+    Cluster(Option<super::TestDatabase>, Arc<privcomm::bus::nats::NatsBus>),
+}
+
+impl TestApi {
+    pub async fn start(mode: Mode, limits: RateLimits) -> Result<TestApi, String> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
+        let clock = Arc::new(ManualClock::new(Timestamp(now.as_micros() as i64)));
+        let (store, bus, cleanup): (Arc<dyn LogStore>, Arc<dyn EventBus>, Cleanup) = match mode {
+            Mode::Embedded => {
+                let (store, dir) = super::sqlite_store(clock.clone()).await?;
+                let store: Arc<dyn LogStore> = Arc::new(store);
+                (store.clone(), Arc::new(InProcessBus::new(store)), Cleanup::Dir(dir))
+            }
+            Mode::Cluster => {
+                let (store, db) = super::postgres_store(clock.clone()).await?;
+                let bus = Arc::new(super::nats_bus().await?);
+                (Arc::new(store), bus.clone(), Cleanup::Cluster(Some(db), bus))
+            }
+        };
+        let config = config(limits);
+        let state = AppState::new(store.clone(), bus, store.clone(), clock.clone(), &config);
+        let app = privcomm_api::router(state, &config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let address = listener.local_addr().map_err(|e| e.to_string())?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(TestApi {
+            base: format!("http://{address}"),
+            store,
+            clock,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            cleanup,
+        })
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Cleanup::Cluster(db, bus) = &mut self.cleanup {
+            let _ = bus.delete_stream().await;
+            if let Some(db) = db.take() {
+                db.drop_database().await;
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value), reqwest::Error> {
+        let response = self.http.post(self.url(path)).json(body).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn get_auth(&self, path: &str, token: &str) -> Result<(u16, Value), reqwest::Error> {
+        let response = self.http.get(self.url(path)).bearer_auth(token).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn put_auth(&self, path: &str, token: &str, body: &Value) -> Result<(u16, Value), reqwest::Error> {
+        let response = self.http.put(self.url(path)).bearer_auth(token).json(body).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+}
+
+/// A would-be user with real libsignal keys.
+pub struct Client {
+    pub identity: IdentityKeyPair,
+    pub phone: String,
+    pub registration_id: u32,
+    pub user_id: Option<String>,
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+impl Client {
+    pub fn new(phone: &str) -> Client {
+        let mut rng = rand::rng();
+        Client {
+            identity: IdentityKeyPair::generate(&mut rng),
+            phone: phone.into(),
+            registration_id: 4242,
+            user_id: None,
+        }
+    }
+
+    pub fn phone_hash(&self) -> String {
+        hex::encode(sha2::Sha256::digest(self.phone.as_bytes()))
+    }
+
+    pub fn sign(&self, message: &[u8]) -> String {
+        let signature = self.identity.private_key().calculate_signature(message, &mut rand::rng()).expect("signs");
+        b64(&signature)
+    }
+
+    pub fn signed_prekey(&self, id: u32) -> Value {
+        let pair = KeyPair::generate(&mut rand::rng());
+        let public = pair.public_key.serialize();
+        json!({ "id": id, "public_key": b64(&public), "signature": self.sign(&public) })
+    }
+
+    pub fn kyber_prekey(&self, id: u32) -> Value {
+        let pair = kem::KeyPair::generate(kem::KeyType::Kyber1024, &mut rand::rng());
+        let public = pair.public_key.serialize();
+        json!({ "id": id, "public_key": b64(&public), "signature": self.sign(&public) })
+    }
+
+    pub fn one_time_prekey(id: u32) -> Value {
+        let pair = KeyPair::generate(&mut rand::rng());
+        json!({ "id": id, "public_key": b64(&pair.public_key.serialize()) })
+    }
+
+    /// A complete, valid registration body.
+    pub fn registration(&self, one_time: u32, kyber: u32) -> Value {
+        json!({
+            "phone_hash": self.phone_hash(),
+            "registration_id": self.registration_id,
+            "identity_key": b64(&self.identity.identity_key().serialize()),
+            "signed_prekey": self.signed_prekey(1),
+            "kyber_last_resort": self.kyber_prekey(1_000_000),
+            "one_time_prekeys": (1..=one_time).map(Client::one_time_prekey).collect::<Vec<_>>(),
+            "kyber_prekeys": (1..=kyber).map(|id| self.kyber_prekey(id)).collect::<Vec<_>>(),
+        })
+    }
+
+    pub async fn register(&mut self, api: &TestApi, one_time: u32, kyber: u32) -> Result<String, String> {
+        let (status, body) =
+            api.post("/v1/accounts", &self.registration(one_time, kyber)).await.map_err(|e| e.to_string())?;
+        if status != 201 {
+            return Err(format!("registration answered {status}: {body}"));
+        }
+        let user_id = body["user_id"].as_str().ok_or("no user_id")?.to_owned();
+        self.user_id = Some(user_id.clone());
+        Ok(user_id)
+    }
+
+    pub async fn login(&self, api: &TestApi) -> Result<String, String> {
+        let user_id = self.user_id.clone().ok_or("not registered")?;
+        let (status, body) =
+            api.post("/v1/auth/challenge", &json!({ "user_id": user_id })).await.map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("challenge answered {status}: {body}"));
+        }
+        let nonce = body["nonce"].as_str().ok_or("no nonce")?.to_owned();
+        let (status, body) = api
+            .post(
+                "/v1/auth/token",
+                &json!({ "user_id": user_id, "nonce": nonce, "signature": self.sign(nonce.as_bytes()) }),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("token answered {status}: {body}"));
+        }
+        Ok(body["token"].as_str().ok_or("no token")?.to_owned())
+    }
+}
