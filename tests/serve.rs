@@ -211,3 +211,43 @@ async fn health_turns_503_when_the_database_goes_away() -> TestResult {
     tokio::time::timeout(Duration::from_secs(10), server).await???;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_request_id_is_echoed_and_logged_and_secrets_are_not() -> TestResult {
+    let dir = TempDir::new();
+    let server = start_server(privcomm(&dir))?;
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{}/v1/auth/challenge", server.address))
+        .header("x-request-id", "req-7f3a-test")
+        .json(&serde_json::json!({ "user_id": "0190b6c4-52d4-7c3e-9d3c-1a2b3c4d5e6f" }))
+        .send()
+        .await?;
+    assert_eq!(response.headers().get("x-request-id").map(|v| v.as_bytes()), Some(&b"req-7f3a-test"[..]));
+    let body: serde_json::Value = response.json().await?;
+    let nonce = body["nonce"].as_str().ok_or("no nonce")?.to_owned();
+
+    // Without one, the server makes one up and returns it.
+    let response = client.get(format!("http://{}/health/", server.address)).send().await?;
+    let generated = response.headers().get("x-request-id").ok_or("no generated request id")?.to_str()?.to_owned();
+    assert_eq!(generated.len(), 36, "expected a UUID, got {generated}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut lines = Vec::new();
+    while std::time::Instant::now() < deadline
+        && !lines.iter().any(|l: &String| l.contains("req-7f3a-test") && l.contains("request completed"))
+    {
+        if let Ok(line) = server.logs.recv_timeout(Duration::from_millis(200)) {
+            lines.push(line);
+        }
+    }
+    let line = lines
+        .iter()
+        .find(|l| l.contains("req-7f3a-test") && l.contains("request completed"))
+        .ok_or_else(|| format!("no log line carries the request id: {lines:#?}"))?;
+    let parsed: serde_json::Value = serde_json::from_str(line)?;
+    assert_eq!(parsed["span"]["request_id"], "req-7f3a-test", "{line}");
+    assert_eq!(parsed["status"], 200);
+    assert!(lines.iter().all(|l| !l.contains(&nonce)), "a nonce reached the logs");
+    Ok(())
+}
