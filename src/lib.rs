@@ -8,16 +8,20 @@
 //! - [`config`] and [`serve`]: configuration from flags and environment, and
 //!   the process that runs every role (`privcomm serve`).
 //! - [`migrate`]: the embedded SQL migrations.
-//! - [`bench`]: the event-store benchmark (`privcomm bench-store`).
+//! - [`bench`] and [`bench_api`]: the event-store and API benchmarks
+//!   (`privcomm bench-store`, `privcomm bench-api`).
+//! - [`keygen`]: real libsignal key material for benchmarks and tests.
 //!
 //! The domain, API, relay and projection crates know only the traits; this
 //! crate chooses implementations and wires them together.
 
 pub mod bench;
+pub mod bench_api;
 pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod eventstore;
+pub mod keygen;
 pub mod migrate;
 pub mod outbox;
 pub mod serve;

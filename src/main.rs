@@ -23,11 +23,17 @@ enum Command {
     },
     /// Benchmark the event store and print figures (see docs/BENCHMARKS.md).
     BenchStore(privcomm::bench::BenchArgs),
+    /// Benchmark bundle fetches and registrations through the API (see docs/BENCHMARKS.md).
+    BenchApi(privcomm::bench_api::BenchApiArgs),
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info,sqlx=warn,async_nats=warn");
+}
+
+fn init_logging_with(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
@@ -71,6 +77,11 @@ async fn main() -> std::process::ExitCode {
         Command::BenchStore(args) => {
             init_logging(LogFormat::Text);
             privcomm::bench::run(args).await
+        }
+        Command::BenchApi(args) => {
+            // Request logs would drown the figures and cost CPU the benchmark measures.
+            init_logging_with(LogFormat::Text, "warn");
+            privcomm::bench_api::run(args).await
         }
     };
     match result {

@@ -72,8 +72,10 @@ impl EventStore for InMemoryEventStore {
             log.event_ids.insert(record.event_id);
             log.events.push(record);
         }
-        drop(log);
+        // Announced while still holding the lock, so two appends can never
+        // announce their heads out of order.
         self.head.send_replace(plan.head.position);
+        drop(log);
         Ok(outcome)
     }
 
@@ -100,7 +102,7 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        Ok(*self.head.borrow())
+        Ok(self.log().events.last().map_or(Position::START, |e| e.position))
     }
 
     async fn wait_for_events_after(&self, after: Position) -> Result<Position, StoreError> {

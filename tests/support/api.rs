@@ -2,17 +2,15 @@
 //! libsignal keys.
 #![allow(dead_code)]
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use libsignal_protocol::{IdentityKeyPair, KeyPair, kem};
+use libsignal_protocol::IdentityKeyPair;
 use privcomm::bus::inprocess::InProcessBus;
 use privcomm::eventstore::LogStore;
+use privcomm::keygen::KeyedUser;
 use privcomm_api::limits::{RateLimit, RateLimits};
 use privcomm_api::{ApiConfig, AppState};
 use privcomm_domain::clock::ManualClock;
 use privcomm_domain::{EventBus, Timestamp};
 use serde_json::{Value, json};
-use sha2::Digest as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,66 +131,43 @@ impl TestApi {
     }
 }
 
-/// A would-be user with real libsignal keys.
+/// A would-be user with real libsignal keys (see `privcomm::keygen`).
 pub struct Client {
+    pub keys: KeyedUser,
     pub identity: IdentityKeyPair,
-    pub phone: String,
     pub registration_id: u32,
     pub user_id: Option<String>,
 }
 
 pub fn b64(bytes: &[u8]) -> String {
-    STANDARD.encode(bytes)
+    privcomm::keygen::b64(bytes)
 }
 
 impl Client {
     pub fn new(phone: &str) -> Client {
-        let mut rng = rand::rng();
-        Client {
-            identity: IdentityKeyPair::generate(&mut rng),
-            phone: phone.into(),
-            registration_id: 4242,
-            user_id: None,
-        }
-    }
-
-    pub fn phone_hash(&self) -> String {
-        hex::encode(sha2::Sha256::digest(self.phone.as_bytes()))
+        let keys = KeyedUser::new(phone);
+        Client { identity: keys.identity, keys, registration_id: 4242, user_id: None }
     }
 
     pub fn sign(&self, message: &[u8]) -> String {
-        let signature = self.identity.private_key().calculate_signature(message, &mut rand::rng()).expect("signs");
-        b64(&signature)
+        self.keys.sign(message)
     }
 
     pub fn signed_prekey(&self, id: u32) -> Value {
-        let pair = KeyPair::generate(&mut rand::rng());
-        let public = pair.public_key.serialize();
-        json!({ "id": id, "public_key": b64(&public), "signature": self.sign(&public) })
+        self.keys.signed_prekey(id)
     }
 
     pub fn kyber_prekey(&self, id: u32) -> Value {
-        let pair = kem::KeyPair::generate(kem::KeyType::Kyber1024, &mut rand::rng());
-        let public = pair.public_key.serialize();
-        json!({ "id": id, "public_key": b64(&public), "signature": self.sign(&public) })
+        self.keys.kyber_prekey(id)
     }
 
     pub fn one_time_prekey(id: u32) -> Value {
-        let pair = KeyPair::generate(&mut rand::rng());
-        json!({ "id": id, "public_key": b64(&pair.public_key.serialize()) })
+        KeyedUser::one_time_prekey(id)
     }
 
     /// A complete, valid registration body.
     pub fn registration(&self, one_time: u32, kyber: u32) -> Value {
-        json!({
-            "phone_hash": self.phone_hash(),
-            "registration_id": self.registration_id,
-            "identity_key": b64(&self.identity.identity_key().serialize()),
-            "signed_prekey": self.signed_prekey(1),
-            "kyber_last_resort": self.kyber_prekey(1_000_000),
-            "one_time_prekeys": (1..=one_time).map(Client::one_time_prekey).collect::<Vec<_>>(),
-            "kyber_prekeys": (1..=kyber).map(|id| self.kyber_prekey(id)).collect::<Vec<_>>(),
-        })
+        self.keys.registration(self.registration_id, one_time, kyber)
     }
 
     pub async fn register(&mut self, api: &TestApi, one_time: u32, kyber: u32) -> Result<String, String> {
