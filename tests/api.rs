@@ -417,6 +417,14 @@ async fn key_uploads_and_push_tokens_are_checked_and_stored(mode: Mode) -> TestR
     let events = api.store.read_all(head, 100).await?;
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["SignedPreKeyRotated", "PushTokenRegistered"]);
+
+    // Bundles of users that do not exist: 404; of ids that are not ids: 400. Nothing appended.
+    let head = api.store.head().await?;
+    let (status, body) = api.get_auth(&format!("/v1/keys/{}", uuid::Uuid::now_v7()), &token).await?;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")), "{body}");
+    let (status, body) = api.get_auth("/v1/keys/not-a-uuid", &token).await?;
+    assert_eq!((status, body["field"].as_str()), (400, Some("user_id")), "{body}");
+    assert_eq!(api.store.head().await?, head);
     api.shutdown().await;
     Ok(())
 }

@@ -251,3 +251,56 @@ async fn a_client_request_id_is_echoed_and_logged_and_secrets_are_not() -> TestR
     assert!(lines.iter().all(|l| !l.contains(&nonce)), "a nonce reached the logs");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_authenticated_request_logs_its_user_id() -> TestResult {
+    let dir = TempDir::new();
+    let server = start_server(privcomm(&dir))?;
+    let base = format!("http://{}", server.address);
+    let http = reqwest::Client::new();
+    let user = privcomm::keygen::KeyedUser::new("+15557654321");
+    let response = http.post(format!("{base}/v1/accounts")).json(&user.registration(7, 1, 1)).send().await?;
+    assert_eq!(response.status().as_u16(), 201);
+    let user_id = user.user_id();
+    let challenge: serde_json::Value = http
+        .post(format!("{base}/v1/auth/challenge"))
+        .json(&serde_json::json!({ "user_id": user_id }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let nonce = challenge["nonce"].as_str().ok_or("nonce")?;
+    let token: serde_json::Value = http
+        .post(format!("{base}/v1/auth/token"))
+        .json(&serde_json::json!({ "user_id": user_id, "nonce": nonce, "signature": user.sign(nonce.as_bytes()) }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = token["token"].as_str().ok_or("token")?.to_owned();
+    let response = http
+        .get(format!("{base}/v1/keys/count"))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-user-log")
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 200);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut lines = Vec::new();
+    while std::time::Instant::now() < deadline
+        && !lines.iter().any(|l: &String| l.contains("req-user-log") && l.contains("request completed"))
+    {
+        if let Ok(line) = server.logs.recv_timeout(Duration::from_millis(200)) {
+            lines.push(line);
+        }
+    }
+    let line = lines
+        .iter()
+        .find(|l| l.contains("req-user-log") && l.contains("request completed"))
+        .ok_or_else(|| format!("no completion line: {lines:#?}"))?;
+    let parsed: serde_json::Value = serde_json::from_str(line)?;
+    assert_eq!(parsed["span"]["user_id"].as_str(), Some(user_id.as_str()), "{line}");
+    assert!(lines.iter().all(|l| !l.contains(&token) && !l.contains(nonce)), "a token or nonce reached the logs");
+    Ok(())
+}
