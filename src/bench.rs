@@ -97,6 +97,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A database of the benchmark's own on the server at `admin_url`, dropped
+/// afterwards (`scripts/test` also drops any left by an interrupted run).
+pub struct ScratchDatabase {
+    admin: sqlx::PgPool,
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `privcomm_bench_<random>`.
+    pub async fn create(admin_url: &str) -> anyhow::Result<ScratchDatabase> {
+        let admin = sqlx::PgPool::connect(admin_url).await.with_context(|| format!("connecting to {admin_url}"))?;
+        let name = format!("privcomm_bench_{}", Uuid::now_v7().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .context("creating the benchmark database (the role needs CREATEDB)")?;
+        let url = format!("{}/{name}", admin_url.rsplit_once('/').map_or(admin_url, |(base, _)| base));
+        Ok(ScratchDatabase { admin, name, url })
+    }
+
+    /// Drops it, closing any connection left open.
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&self.admin)
+            .await?;
+        Ok(())
+    }
+}
+
 async fn postgres_section(args: &BenchArgs, url: &str) -> anyhow::Result<(Figures, f64, f64)> {
     crate::migrate::migrate_up(url).await?;
     let pool = crate::eventstore::postgres::connect_pool(url, PoolSize { min: 2, max: 20 }).await?;

@@ -82,6 +82,26 @@ fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::Erro
     }
 }
 
+/// Reads the server's log until the "request completed" line of the request
+/// with `request_id` (10 s at most). Returns every line read, and that one parsed.
+fn completion_line(
+    server: &Server,
+    request_id: &str,
+) -> Result<(Vec<String>, serde_json::Value), Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut lines = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let Ok(line) = server.logs.recv_timeout(Duration::from_millis(200)) else { continue };
+        let found = line.contains(request_id) && line.contains("request completed");
+        lines.push(line);
+        if found {
+            let parsed = serde_json::from_str(lines.last().map_or("", String::as_str))?;
+            return Ok((lines, parsed));
+        }
+    }
+    Err(format!("no completion line for request {request_id}: {lines:#?}").into())
+}
+
 async fn health(address: SocketAddr) -> Result<(u16, serde_json::Value), reqwest::Error> {
     let response = reqwest::get(format!("http://{address}/health/")).await?;
     let status = response.status().as_u16();
@@ -232,21 +252,8 @@ async fn a_client_request_id_is_echoed_and_logged_and_secrets_are_not() -> TestR
     let generated = response.headers().get("x-request-id").ok_or("no generated request id")?.to_str()?.to_owned();
     assert_eq!(generated.len(), 36, "expected a UUID, got {generated}");
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut lines = Vec::new();
-    while std::time::Instant::now() < deadline
-        && !lines.iter().any(|l: &String| l.contains("req-7f3a-test") && l.contains("request completed"))
-    {
-        if let Ok(line) = server.logs.recv_timeout(Duration::from_millis(200)) {
-            lines.push(line);
-        }
-    }
-    let line = lines
-        .iter()
-        .find(|l| l.contains("req-7f3a-test") && l.contains("request completed"))
-        .ok_or_else(|| format!("no log line carries the request id: {lines:#?}"))?;
-    let parsed: serde_json::Value = serde_json::from_str(line)?;
-    assert_eq!(parsed["span"]["request_id"], "req-7f3a-test", "{line}");
+    let (lines, parsed) = completion_line(&server, "req-7f3a-test")?;
+    assert_eq!(parsed["span"]["request_id"], "req-7f3a-test", "{parsed}");
     assert_eq!(parsed["status"], 200);
     assert!(lines.iter().all(|l| !l.contains(&nonce)), "a nonce reached the logs");
     Ok(())
@@ -286,20 +293,8 @@ async fn an_authenticated_request_logs_its_user_id() -> TestResult {
         .await?;
     assert_eq!(response.status().as_u16(), 200);
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut lines = Vec::new();
-    while std::time::Instant::now() < deadline
-        && !lines.iter().any(|l: &String| l.contains("req-user-log") && l.contains("request completed"))
-    {
-        if let Ok(line) = server.logs.recv_timeout(Duration::from_millis(200)) {
-            lines.push(line);
-        }
-    }
-    let line = lines
-        .iter()
-        .find(|l| l.contains("req-user-log") && l.contains("request completed"))
-        .ok_or_else(|| format!("no completion line: {lines:#?}"))?;
-    let parsed: serde_json::Value = serde_json::from_str(line)?;
+    let (lines, parsed) = completion_line(&server, "req-user-log")?;
+    let line = parsed.to_string();
     assert_eq!(parsed["span"]["user_id"].as_str(), Some(user_id.as_str()), "{line}");
     assert!(lines.iter().all(|l| !l.contains(&token) && !l.contains(nonce)), "a token or nonce reached the logs");
     Ok(())

@@ -12,7 +12,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use libsignal_protocol::IdentityKey;
 use privcomm_domain::events::{Bytes, IdentityKeys};
 use privcomm_domain::ids::{PhoneHash, RegistrationId};
 use privcomm_domain::user::{DomainError, Registration, UserCommand};
@@ -64,12 +63,12 @@ async fn register(
             let Some(proof) = &body.identity_proof else {
                 return Err(DomainError::AlreadyRegistered.into());
             };
+            // Registered a moment ago (that is what the conflict said).
             let current = state
                 .users
-                .read(user_id, |s| s.registered.as_ref().map(|u| u.keys.identity_key.0.clone()))
+                .identity_key(user_id)
                 .await?
-                .ok_or(ApiError::internal(privcomm_domain::StoreError::NotFound(privcomm_domain::Position(0))))?;
-            let current = IdentityKey::decode(&current).map_err(ApiError::internal)?;
+                .ok_or(ApiError::Conflict("registration changed concurrently; retry"))?;
             redeem_challenge(&state, user_id, &current, &proof.nonce, &proof.signature).await?;
             state.users.execute(user_id, &UserCommand::ChangeIdentity(registration), |_, _| ()).await?;
             tracing::info!(user_id = %user_id.0, "identity key changed");

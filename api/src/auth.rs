@@ -61,12 +61,7 @@ async fn token(
 ) -> Result<Json<Value>, ApiError> {
     let user = validate::user_id("user_id", &body.user_id)?;
     state.limits.check_token_issue(user)?;
-    let identity = state
-        .users
-        .read(user, |s| s.registered.as_ref().map(|u| u.keys.identity_key.0.clone()))
-        .await?
-        .ok_or(ApiError::Unauthorized("unknown user"))?;
-    let identity = IdentityKey::decode(&identity).map_err(ApiError::internal)?;
+    let identity = state.users.identity_key(user).await?.ok_or(ApiError::Unauthorized("unknown user"))?;
     redeem_challenge(&state, user, &identity, &body.nonce, &body.signature).await?;
     let token = state.tokens.issue(user, state.clock.now())?;
     Ok(Json(json!({ "token": token, "token_type": "Bearer", "expires_in": state.tokens.token_lifetime_s() })))

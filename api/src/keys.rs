@@ -15,7 +15,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use libsignal_protocol::IdentityKey;
 use privcomm_domain::events::{DomainEvent, KyberClaim};
 use privcomm_domain::user::{RegisteredUser, UserCommand};
 use serde_json::{Value, json};
@@ -93,12 +92,7 @@ async fn update(
     AuthUser(user): AuthUser,
     StrictJson(body): StrictJson<KeysUpdateBody>,
 ) -> Result<StatusCode, ApiError> {
-    let identity = state
-        .users
-        .read(user, |s| s.registered.as_ref().map(|u| u.keys.identity_key.0.clone()))
-        .await?
-        .ok_or(ApiError::NotFound("no such user"))?;
-    let identity = IdentityKey::decode(&identity).map_err(ApiError::internal)?;
+    let identity = state.users.identity_key(user).await?.ok_or(ApiError::NotFound("no such user"))?;
     let (one_time_prekeys, kyber_prekeys) =
         validate::prekey_lists(&identity, &body.one_time_prekeys, &body.kyber_prekeys)?;
     let signed_prekey =

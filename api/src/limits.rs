@@ -134,27 +134,43 @@ fn rejection(metrics: &Arc<crate::metrics::Metrics>, limit: &'static str, error:
     }
 }
 
-/// Applies the registration limit to `router`.
+/// Puts `limit`, keyed by `extractor`, in front of every route of `router`.
+fn limited<S, K>(
+    router: axum::Router<S>,
+    limit: RateLimit,
+    extractor: K,
+    name: &'static str,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    K: KeyExtractor + Send + Sync + 'static,
+    K::Key: Send + Sync,
+{
+    let config = GovernorConfigBuilder::default()
+        .period(limit.period())
+        .burst_size(limit.requests.max(1))
+        .key_extractor(extractor)
+        .finish();
+    match config {
+        Some(config) => router.layer(
+            tower_governor::GovernorLayer::new(config).error_handler(move |error| rejection(&metrics, name, error)),
+        ),
+        // Only a zero period or burst is refused, and RateLimit keeps both positive.
+        None => router,
+    }
+}
+
+/// Applies the registration limit (per client IP) to `router`.
 pub fn limit_registration<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
     limit: RateLimit,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> axum::Router<S> {
-    let config = GovernorConfigBuilder::default()
-        .period(limit.period())
-        .burst_size(limit.requests.max(1))
-        .key_extractor(PeerIpKeyExtractor)
-        .finish();
-    match config {
-        Some(config) => router.layer(
-            tower_governor::GovernorLayer::new(config)
-                .error_handler(move |error| rejection(&metrics, "registration", error)),
-        ),
-        None => router,
-    }
+    limited(router, limit, PeerIpKeyExtractor, "registration", metrics)
 }
 
-/// Applies the key-bundle limit to `router`.
+/// Applies the key-bundle limit (per requesting user) to `router`.
 pub fn limit_key_bundle<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
     limit: RateLimit,
@@ -162,16 +178,5 @@ pub fn limit_key_bundle<S: Clone + Send + Sync + 'static>(
     clock: Arc<dyn privcomm_domain::Clock>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> axum::Router<S> {
-    let config = GovernorConfigBuilder::default()
-        .period(limit.period())
-        .burst_size(limit.requests.max(1))
-        .key_extractor(RequesterKeyExtractor { tokens, clock })
-        .finish();
-    match config {
-        Some(config) => router.layer(
-            tower_governor::GovernorLayer::new(config)
-                .error_handler(move |error| rejection(&metrics, "key_bundle", error)),
-        ),
-        None => router,
-    }
+    limited(router, limit, RequesterKeyExtractor { tokens, clock }, "key_bundle", metrics)
 }

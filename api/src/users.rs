@@ -101,6 +101,13 @@ impl UserDirectory {
         Ok(read(&folded.state))
     }
 
+    /// The user's current identity key, or `None` if not registered.
+    pub async fn identity_key(&self, user: UserId) -> Result<Option<libsignal_protocol::IdentityKey>, ApiError> {
+        let stored = self.read(user, |s| s.registered.as_ref().map(|u| u.keys.identity_key.0.clone())).await?;
+        // Stored keys were validated on the way in; failing to decode one is corruption.
+        stored.map(|bytes| libsignal_protocol::IdentityKey::decode(&bytes).map_err(ApiError::internal)).transpose()
+    }
+
     /// Decides `command` on the user's current state and appends the result.
     /// `respond` sees the state the decision was made on and the events.
     pub async fn execute<R>(
