@@ -103,32 +103,46 @@ where
     Ok(Phase { histogram, elapsed: started.elapsed(), count: requests })
 }
 
-/// Sends `rate` requests per second for `seconds`, each at its scheduled
-/// time whatever the state of earlier ones, and measures latency from that
-/// scheduled time: a slow server cannot hide its queue (no coordinated
-/// omission).
-async fn open_loop<F, Fut>(rate: u32, seconds: u32, job: F) -> anyhow::Result<Phase>
+/// `requesters` clients together send `rate` requests per second for
+/// `seconds`: each client sends at its own fixed schedule (staggered), and
+/// every request leaves at its scheduled time whatever happened to earlier
+/// ones. Latency counts from the scheduled time, so a slow server cannot hide
+/// its queue (no coordinated omission).
+async fn open_loop<F, Fut>(rate: u32, seconds: u32, requesters: usize, job: F) -> anyhow::Result<Phase>
 where
-    F: Fn() -> Fut + Send + Sync + 'static,
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<u16>> + Send + 'static,
 {
+    let requesters = requesters.max(1);
     let total = (rate as usize) * (seconds as usize);
-    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let spacing = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let started = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(total);
-    for n in 0..total {
-        let scheduled = started + interval * n as u32;
-        tokio::time::sleep_until(scheduled).await;
-        let request = job();
-        tasks.push(tokio::spawn(async move {
-            let status = request.await?;
-            anyhow::ensure!(status == 200, "open-loop request answered {status}");
-            anyhow::Ok(scheduled.elapsed())
+    let mut clients = Vec::with_capacity(requesters);
+    for client in 0..requesters {
+        let job = job.clone();
+        clients.push(tokio::spawn(async move {
+            let mut in_flight = Vec::new();
+            // Request n of the whole run belongs to client n % requesters.
+            for n in (client..total).step_by(requesters) {
+                let scheduled = started + spacing * n as u32;
+                tokio::time::sleep_until(scheduled).await;
+                let request = job();
+                in_flight.push(tokio::spawn(async move {
+                    let status = request.await?;
+                    anyhow::ensure!(status == 200, "open-loop request answered {status}");
+                    anyhow::Ok(scheduled.elapsed())
+                }));
+            }
+            let mut histogram = Histogram::<u64>::new(3)?;
+            for request in in_flight {
+                histogram.record(request.await??.as_micros() as u64)?;
+            }
+            anyhow::Ok(histogram)
         }));
     }
     let mut histogram = Histogram::<u64>::new(3)?;
-    for task in tasks {
-        histogram.record(task.await??.as_micros() as u64)?;
+    for client in clients {
+        histogram.add(client.await??)?;
     }
     Ok(Phase { histogram, elapsed: started.elapsed(), count: total })
 }
@@ -249,8 +263,8 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
     let closed_fetch = fetch.clone();
     let closed = run_phase(args.fetches, args.concurrency, 200, move |_| closed_fetch()).await?;
     closed.print(&format!("bundle fetch, closed loop x{}", args.concurrency));
-    let open = open_loop(args.rate, args.rate_seconds, fetch).await?;
-    open.print(&format!("bundle fetch, open loop {}/s", args.rate));
+    let open = open_loop(args.rate, args.rate_seconds, args.concurrency, fetch).await?;
+    open.print(&format!("bundle fetch, open loop {}/s x{}", args.rate, args.concurrency));
 
     let max_rate = closed.count as f64 / closed.elapsed.as_secs_f64();
     let open_rate = open.count as f64 / open.elapsed.as_secs_f64();

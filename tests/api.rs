@@ -429,6 +429,17 @@ async fn key_uploads_and_push_tokens_are_checked_and_stored(mode: Mode) -> TestR
     Ok(())
 }
 
+/// 429, a positive `Retry-After`, and the same number in the JSON body.
+async fn assert_limited(response: reqwest::Response, what: &str) -> TestResult {
+    assert_eq!(response.status().as_u16(), 429, "{what} must be limited");
+    let retry_after: u64 = response.headers().get("retry-after").ok_or("no Retry-After")?.to_str()?.parse()?;
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"], "rate_limited", "{what}: {body}");
+    assert_eq!(body["retry_after"].as_u64(), Some(retry_after), "{what}: {body}");
+    assert!(retry_after > 0, "{what}: Retry-After must be positive");
+    Ok(())
+}
+
 async fn rate_limits_allow_exactly_the_limit_then_answer_429(mode: Mode) -> TestResult {
     use privcomm_api::limits::{RateLimit, RateLimits};
     use std::time::Duration;
@@ -443,16 +454,22 @@ async fn rate_limits_allow_exactly_the_limit_then_answer_429(mode: Mode) -> Test
     for client in clients.iter_mut().take(3) {
         client.register(&api, 5, 0).await?;
     }
-    let (status, body) = api.post("/v1/accounts", &clients[3].registration(0, 0)).await?;
-    assert_eq!(status, 429, "the 4th registration from one IP must be limited: {body}");
-    assert_eq!(body["error"], "rate_limited");
-    assert!(body["retry_after"].as_u64().is_some_and(|s| s > 0), "{body}");
+    let fourth = api.http.post(api.url("/v1/accounts")).json(&clients[3].registration(0, 0)).send().await?;
+    assert_limited(fourth, "the 4th registration from one IP").await?;
 
     // Token issue: 2 per user.
     let token = clients[0].login(&api).await?;
     clients[0].login(&api).await?;
-    let third = clients[0].login(&api).await;
-    assert!(third.as_ref().is_err_and(|e| e.contains("429")), "third token must be limited: {third:?}");
+    let user_id = clients[0].user_id.clone().ok_or("id")?;
+    let (_, challenge) = api.post("/v1/auth/challenge", &json!({ "user_id": user_id })).await?;
+    let nonce = challenge["nonce"].as_str().ok_or("nonce")?.to_owned();
+    let third = api
+        .http
+        .post(api.url("/v1/auth/token"))
+        .json(&json!({ "user_id": user_id, "nonce": nonce, "signature": clients[0].sign(nonce.as_bytes()) }))
+        .send()
+        .await?;
+    assert_limited(third, "the 3rd token for one user").await?;
     clients[1].login(&api).await?; // another user is not affected
 
     // Bundle fetches: 5 per requester, then 429 with Retry-After.
@@ -461,12 +478,8 @@ async fn rate_limits_allow_exactly_the_limit_then_answer_429(mode: Mode) -> Test
         let (status, body) = api.get_auth(&format!("/v1/keys/{target}"), &token).await?;
         assert_eq!(status, 200, "fetch {n}: {body}");
     }
-    let response = api.http.get(api.url(&format!("/v1/keys/{target}"))).bearer_auth(&token).send().await?;
-    assert_eq!(response.status().as_u16(), 429);
-    let retry_after: u64 = response.headers().get("retry-after").ok_or("no Retry-After")?.to_str()?.parse()?;
-    let body: Value = response.json().await?;
-    assert_eq!(body["retry_after"].as_u64(), Some(retry_after));
-    assert!(retry_after > 0);
+    let sixth = api.http.get(api.url(&format!("/v1/keys/{target}"))).bearer_auth(&token).send().await?;
+    assert_limited(sixth, "the 6th bundle fetch by one user").await?;
     let metrics = api.http.get(api.url("/metrics")).send().await?.text().await?;
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"registration\"} 1"), "{metrics}");
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"key_bundle\"} 1"));
