@@ -5,6 +5,8 @@
 //! - [`envelope`]: the stored envelope and the hash chain that makes the log
 //!   tamper-evident while allowing payloads to be compacted.
 //! - [`user`]: the user aggregate, `decide`/`evolve` for registration and prekeys.
+//! - [`mailbox`]: the mailbox aggregate: accept a message once per
+//!   `(sender, id)`, acknowledge it once, pending messages in log order.
 //! - [`store`] and [`bus`]: the event-store and event-bus traits every adapter
 //!   implements, and [`store::plan_batch`], the one place where positions,
 //!   stream versions and hashes are assigned.
@@ -19,6 +21,7 @@ pub mod clock;
 pub mod envelope;
 pub mod events;
 pub mod ids;
+pub mod mailbox;
 pub mod memory;
 pub mod nonces;
 pub mod store;

@@ -9,5 +9,9 @@
 //! code 4409). Architecture invariant: the relay never holds plaintext —
 //! bodies are Signal ciphertext it cannot read.
 //!
-//! Status: the crate is in place with the domain dependency; the endpoint,
-//! delivery and cluster fan-out land with the "Relay cluster" issue.
+//! Parts so far: [`frames`], the versioned wire protocol and its strict
+//! parser (docs/PROTOCOL.md); the mailbox rules live in
+//! `privcomm_domain::mailbox`. The WebSocket endpoint, delivery and cluster
+//! fan-out land with the rest of the "Relay cluster" issue.
+
+pub mod frames;
