@@ -8,9 +8,10 @@
 //! command is decided again. Never an eventually consistent projection.
 //!
 //! Folded aggregates are cached (bounded) and refreshed incrementally by
-//! reading only the events after the cached version. A per-user async lock
-//! keeps one node from racing itself; other nodes are handled by the
-//! conflict-and-retry above (ADR 0005).
+//! reading only the events after the cached version. A per-instance async
+//! lock keeps one node from racing itself; other nodes are handled by the
+//! conflict-and-retry above (ADR 0005). [`Directory`] does this for any
+//! [`Aggregate`]; users and mailboxes are two.
 
 use crate::error::ApiError;
 use privcomm_domain::events::DomainEvent;
@@ -37,54 +38,85 @@ pub fn user_id_for(phone_hash: &privcomm_domain::ids::PhoneHash) -> UserId {
     UserId(Uuid::new_v5(&USER_ID_NAMESPACE, phone_hash.as_str().as_bytes()))
 }
 
-struct Folded {
-    state: UserState,
+/// An aggregate folded from one stream per id.
+pub trait Aggregate: Send + Sync + 'static {
+    /// What names one instance (a user id, a recipient).
+    type Id: Copy + Eq + std::hash::Hash + Send + Sync + 'static;
+    /// The folded state.
+    type State: Default + Send + 'static;
+    /// The stream of an instance.
+    fn stream(id: Self::Id) -> StreamId;
+    /// Applies one event recorded at `version`.
+    fn evolve(state: &mut Self::State, version: StreamVersion, event: &DomainEvent);
+}
+
+/// The user aggregate (`user-<id>`).
+pub struct Users;
+
+impl Aggregate for Users {
+    type Id = UserId;
+    type State = UserState;
+    fn stream(id: UserId) -> StreamId {
+        StreamId::for_user(id)
+    }
+    fn evolve(state: &mut UserState, _version: StreamVersion, event: &DomainEvent) {
+        evolve(state, event);
+    }
+}
+
+struct Folded<S> {
+    state: S,
     version: StreamVersion,
 }
 
-/// Bounded cache of folded user aggregates over the event store.
-pub struct UserDirectory {
+/// Bounded cache of folded aggregates over the event store.
+pub struct Directory<A: Aggregate> {
     store: Arc<dyn EventStore>,
     capacity: usize,
-    cache: Mutex<Cache>,
+    cache: Mutex<Cache<A>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
-#[derive(Default)]
-struct Cache {
-    entries: HashMap<UserId, Arc<tokio::sync::Mutex<Folded>>>,
-    order: VecDeque<UserId>,
+/// The user aggregates.
+pub type UserDirectory = Directory<Users>;
+
+/// One cached instance, locked while it is read or decided on.
+type Entry<S> = Arc<tokio::sync::Mutex<Folded<S>>>;
+
+struct Cache<A: Aggregate> {
+    entries: HashMap<A::Id, Entry<A::State>>,
+    order: VecDeque<A::Id>,
 }
 
-impl UserDirectory {
-    /// A directory caching at most `capacity` users.
-    pub fn new(store: Arc<dyn EventStore>, capacity: usize, metrics: Arc<crate::metrics::Metrics>) -> UserDirectory {
-        UserDirectory { store, capacity: capacity.max(1), cache: Mutex::new(Cache::default()), metrics }
+impl<A: Aggregate> Directory<A> {
+    /// A directory caching at most `capacity` instances.
+    pub fn new(store: Arc<dyn EventStore>, capacity: usize, metrics: Arc<crate::metrics::Metrics>) -> Directory<A> {
+        let cache = Cache { entries: HashMap::new(), order: VecDeque::new() };
+        Directory { store, capacity: capacity.max(1), cache: Mutex::new(cache), metrics }
     }
 
-    fn entry(&self, user: UserId) -> Arc<tokio::sync::Mutex<Folded>> {
+    fn entry(&self, id: A::Id) -> Entry<A::State> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = cache.entries.get(&user) {
+        if let Some(entry) = cache.entries.get(&id) {
             return entry.clone();
         }
         while cache.entries.len() >= self.capacity {
             let Some(oldest) = cache.order.pop_front() else { break };
             cache.entries.remove(&oldest);
         }
-        let entry =
-            Arc::new(tokio::sync::Mutex::new(Folded { state: UserState::default(), version: StreamVersion(0) }));
-        cache.entries.insert(user, entry.clone());
-        cache.order.push_back(user);
+        let entry = Arc::new(tokio::sync::Mutex::new(Folded { state: A::State::default(), version: StreamVersion(0) }));
+        cache.entries.insert(id, entry.clone());
+        cache.order.push_back(id);
         entry
     }
 
-    async fn catch_up(&self, user: UserId, folded: &mut Folded) -> Result<(), ApiError> {
-        let stream = StreamId::for_user(user);
+    async fn catch_up(&self, id: A::Id, folded: &mut Folded<A::State>) -> Result<(), ApiError> {
+        let stream = A::stream(id);
         loop {
             let page = self.store.read_stream(&stream, folded.version, PAGE).await?;
             for recorded in &page {
                 let event = DomainEvent::from_recorded(recorded).map_err(ApiError::internal)?;
-                evolve(&mut folded.state, &event);
+                A::evolve(&mut folded.state, recorded.stream_version, &event);
                 folded.version = recorded.stream_version;
             }
             if page.len() < PAGE {
@@ -93,34 +125,32 @@ impl UserDirectory {
         }
     }
 
-    /// Reads the current state of a user.
-    pub async fn read<R>(&self, user: UserId, read: impl FnOnce(&UserState) -> R) -> Result<R, ApiError> {
-        let entry = self.entry(user);
+    /// Reads the current state of an instance.
+    pub async fn read<R>(&self, id: A::Id, read: impl FnOnce(&A::State) -> R) -> Result<R, ApiError> {
+        let entry = self.entry(id);
         let mut folded = entry.lock().await;
-        self.catch_up(user, &mut folded).await?;
+        self.catch_up(id, &mut folded).await?;
         Ok(read(&folded.state))
     }
 
-    /// The user's current identity key, or `None` if not registered.
-    pub async fn identity_key(&self, user: UserId) -> Result<Option<libsignal_protocol::IdentityKey>, ApiError> {
-        let stored = self.read(user, |s| s.registered.as_ref().map(|u| u.keys.identity_key.0.clone())).await?;
-        // Stored keys were validated on the way in; failing to decode one is corruption.
-        stored.map(|bytes| libsignal_protocol::IdentityKey::decode(&bytes).map_err(ApiError::internal)).transpose()
-    }
-
-    /// Decides `command` on the user's current state and appends the result.
-    /// `respond` sees the state the decision was made on and the events.
-    pub async fn execute<R>(
+    /// Decides on the current state and appends the events at the version
+    /// decided on; on a conflict, catches up and decides again. `respond`
+    /// sees the state the decision was made on and the events (none when the
+    /// decision was that nothing needs doing).
+    pub async fn decide_and_append<R>(
         &self,
-        user: UserId,
-        command: &UserCommand,
-        respond: impl FnOnce(&UserState, &[DomainEvent]) -> R,
+        id: A::Id,
+        decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
+        respond: impl FnOnce(&A::State, &[DomainEvent]) -> R,
     ) -> Result<R, ApiError> {
-        let entry = self.entry(user);
+        let entry = self.entry(id);
         let mut folded = entry.lock().await;
         for _ in 0..MAX_ATTEMPTS {
-            self.catch_up(user, &mut folded).await?;
-            let events = decide(&folded.state, command)?;
+            self.catch_up(id, &mut folded).await?;
+            let events = decide(&folded.state)?;
+            if events.is_empty() {
+                return Ok(respond(&folded.state, &events));
+            }
             let new_events = events
                 .iter()
                 .map(|event| event.to_new_event(EventId(Uuid::now_v7())))
@@ -130,13 +160,14 @@ impl UserDirectory {
                 StreamVersion(0) => ExpectedVersion::NoStream,
                 version => ExpectedVersion::Exact(version),
             };
-            let request = AppendRequest { stream_id: StreamId::for_user(user), expected, events: new_events };
+            let request = AppendRequest { stream_id: A::stream(id), expected, events: new_events };
             match self.store.append(request).await {
                 Ok(outcome) => {
                     self.metrics.events_appended(events.len());
                     let response = respond(&folded.state, &events);
-                    for event in &events {
-                        evolve(&mut folded.state, event);
+                    let first = outcome.stream_version.0 + 1 - events.len() as u64;
+                    for (offset, event) in events.iter().enumerate() {
+                        A::evolve(&mut folded.state, StreamVersion(first + offset as u64), event);
                     }
                     folded.version = outcome.stream_version;
                     return Ok(response);
@@ -145,6 +176,25 @@ impl UserDirectory {
                 Err(error) => return Err(error.into()),
             }
         }
-        Err(ApiError::internal(StoreError::Storage("user stream too contended; gave up after retries".into())))
+        Err(ApiError::internal(StoreError::Storage("stream too contended; gave up after retries".into())))
+    }
+}
+
+impl Directory<Users> {
+    /// The user's current identity key, or `None` if not registered.
+    pub async fn identity_key(&self, user: UserId) -> Result<Option<libsignal_protocol::IdentityKey>, ApiError> {
+        let stored = self.read(user, |s| s.registered.as_ref().map(|u| u.keys.identity_key.0.clone())).await?;
+        // Stored keys were validated on the way in; failing to decode one is corruption.
+        stored.map(|bytes| libsignal_protocol::IdentityKey::decode(&bytes).map_err(ApiError::internal)).transpose()
+    }
+
+    /// Decides a user command and appends the result.
+    pub async fn execute<R>(
+        &self,
+        user: UserId,
+        command: &UserCommand,
+        respond: impl FnOnce(&UserState, &[DomainEvent]) -> R,
+    ) -> Result<R, ApiError> {
+        self.decide_and_append(user, |state| Ok(decide(state, command)?), respond).await
     }
 }
