@@ -182,8 +182,15 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         user_cache_capacity: args.users + 100,
     };
     let bus = Arc::new(InProcessBus::new(store.clone()));
-    let state = privcomm_api::AppState::new(store.clone(), bus, store.clone(), Arc::new(SystemClock), &config);
-    let app = privcomm_api::router(state, &config);
+    let (_keep_connections_open, connections_stop) = tokio::sync::watch::channel(false);
+    let app = crate::serve::build_app(
+        store.clone(),
+        bus,
+        Arc::new(SystemClock),
+        &config,
+        privcomm_relay::RelaySettings::default(),
+        connections_stop,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -12,7 +12,10 @@ use crate::migrate;
 use crate::outbox::OutboxPublisher;
 use anyhow::Context as _;
 use privcomm_api::AppState;
+use privcomm_api::users::Directory;
 use privcomm_domain::EventBus;
+use privcomm_relay::hub::Hub;
+use privcomm_relay::{RelaySettings, RelayState};
 use std::fs::File;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -108,6 +111,29 @@ pub async fn open_bus(config: &ServeConfig, store: Arc<dyn LogStore>) -> anyhow:
     }
 }
 
+/// The HTTP API and the WebSocket relay on one router, over one store.
+/// `stop_connections` turning true closes relay connections with 1001.
+pub fn build_app(
+    store: Arc<dyn LogStore>,
+    bus: Arc<dyn EventBus>,
+    clock: Arc<dyn privcomm_domain::Clock>,
+    api_config: &privcomm_api::ApiConfig,
+    relay_settings: RelaySettings,
+    stop_connections: watch::Receiver<bool>,
+) -> axum::Router {
+    let state = AppState::new(store.clone(), bus, store.clone(), clock.clone(), api_config);
+    let relay = RelayState {
+        users: state.users.clone(),
+        mailboxes: Arc::new(Directory::new(store, api_config.user_cache_capacity, state.metrics.clone())),
+        tokens: state.tokens.clone(),
+        clock,
+        hub: Arc::new(Hub::default()),
+        settings: relay_settings,
+        shutdown: stop_connections,
+    };
+    privcomm_api::router(state, api_config).merge(privcomm_relay::router(relay))
+}
+
 /// Runs every role on an already-bound listener until `shutdown` resolves.
 pub async fn run(
     config: ServeConfig,
@@ -127,13 +153,16 @@ pub async fn run(
     let outbox = tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(wait_stop()));
 
     let api_config = config.api_config();
-    let state = AppState::new(store.clone(), bus, store.clone(), Arc::new(SystemClock), &api_config);
-    let app = privcomm_api::router(state, &api_config);
+    let (stop_connections, connections_stop) = watch::channel(false);
+    let app =
+        build_app(store.clone(), bus, Arc::new(SystemClock), &api_config, RelaySettings::default(), connections_stop);
     let address = listener.local_addr().context("reading the listen address")?;
     tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
+            // WebSocket connections close with 1001; axum then waits for them.
+            let _ = stop_connections.send(true);
             let _ = stop.send(true);
         })
         .await

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use privcomm_domain::events::DomainEvent;
 use privcomm_domain::user::{UserCommand, UserState, decide, evolve};
 use privcomm_domain::{
-    AppendRequest, EventId, EventStore, ExpectedVersion, StoreError, StreamId, StreamVersion, UserId,
+    AppendRequest, EventId, EventStore, ExpectedVersion, StoreError, StreamId, StreamVersion, Timestamp, UserId,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -46,8 +46,8 @@ pub trait Aggregate: Send + Sync + 'static {
     type State: Default + Send + 'static;
     /// The stream of an instance.
     fn stream(id: Self::Id) -> StreamId;
-    /// Applies one event recorded at `version`.
-    fn evolve(state: &mut Self::State, version: StreamVersion, event: &DomainEvent);
+    /// Applies one event recorded at `version` and time `recorded_at`.
+    fn evolve(state: &mut Self::State, version: StreamVersion, recorded_at: Timestamp, event: &DomainEvent);
 }
 
 /// The user aggregate (`user-<id>`).
@@ -59,7 +59,7 @@ impl Aggregate for Users {
     fn stream(id: UserId) -> StreamId {
         StreamId::for_user(id)
     }
-    fn evolve(state: &mut UserState, _version: StreamVersion, event: &DomainEvent) {
+    fn evolve(state: &mut UserState, _version: StreamVersion, _recorded_at: Timestamp, event: &DomainEvent) {
         evolve(state, event);
     }
 }
@@ -116,7 +116,7 @@ impl<A: Aggregate> Directory<A> {
             let page = self.store.read_stream(&stream, folded.version, PAGE).await?;
             for recorded in &page {
                 let event = DomainEvent::from_recorded(recorded).map_err(ApiError::internal)?;
-                A::evolve(&mut folded.state, recorded.stream_version, &event);
+                A::evolve(&mut folded.state, recorded.stream_version, recorded.recorded_at, &event);
                 folded.version = recorded.stream_version;
             }
             if page.len() < PAGE {
@@ -167,7 +167,7 @@ impl<A: Aggregate> Directory<A> {
                     let response = respond(&folded.state, &events);
                     let first = outcome.stream_version.0 + 1 - events.len() as u64;
                     for (offset, event) in events.iter().enumerate() {
-                        A::evolve(&mut folded.state, StreamVersion(first + offset as u64), event);
+                        A::evolve(&mut folded.state, StreamVersion(first + offset as u64), outcome.recorded_at, event);
                     }
                     folded.version = outcome.stream_version;
                     return Ok(response);

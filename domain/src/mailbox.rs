@@ -8,7 +8,7 @@
 //! An ack settles a pending message once; acking it again is a no-op.
 
 use crate::events::{Bytes, DomainEvent};
-use crate::ids::{MessageId, StreamVersion, UserId};
+use crate::ids::{MessageId, StreamVersion, Timestamp, UserId};
 use std::collections::{BTreeMap, HashMap};
 
 /// Largest message body (ciphertext) the relay accepts, in bytes.
@@ -39,6 +39,8 @@ pub struct PendingMessage {
     pub kind: String,
     /// Ciphertext.
     pub body: Bytes,
+    /// When the server accepted it.
+    pub accepted_at: Timestamp,
 }
 
 /// Commands on one mailbox.
@@ -69,6 +71,8 @@ pub struct Acceptance {
     pub version: StreamVersion,
     /// Settled (delivered or expired)?
     pub settled: bool,
+    /// When the server accepted it.
+    pub accepted_at: Timestamp,
 }
 
 /// The state folded from a mailbox stream.
@@ -139,17 +143,26 @@ pub fn decide(
     }
 }
 
-/// Applies one mailbox event recorded at `version`. Other events are ignored.
-pub fn evolve(state: &mut MailboxState, version: StreamVersion, event: &DomainEvent) {
+/// Applies one mailbox event recorded at `version` and time `recorded_at`.
+/// Other events are ignored.
+pub fn evolve(state: &mut MailboxState, version: StreamVersion, recorded_at: Timestamp, event: &DomainEvent) {
     state.version = state.version.max(version);
     match event {
         DomainEvent::MessageAccepted { message_id, sender, recipient, kind, body } => {
             state.recipient = Some(*recipient);
-            state.accepted.insert((*sender, *message_id), Acceptance { version, settled: false });
+            state
+                .accepted
+                .insert((*sender, *message_id), Acceptance { version, settled: false, accepted_at: recorded_at });
             state.by_id.insert(*message_id, (*sender, version));
             state.pending.insert(
                 version,
-                PendingMessage { message_id: *message_id, sender: *sender, kind: kind.clone(), body: body.clone() },
+                PendingMessage {
+                    message_id: *message_id,
+                    sender: *sender,
+                    kind: kind.clone(),
+                    body: body.clone(),
+                    accepted_at: recorded_at,
+                },
             );
         }
         DomainEvent::MessageDelivered { message_id, .. } | DomainEvent::MessageExpired { message_id, .. } => {
@@ -191,7 +204,7 @@ mod tests {
     fn given(events: &[DomainEvent]) -> MailboxState {
         let mut state = MailboxState::default();
         for (i, event) in events.iter().enumerate() {
-            evolve(&mut state, StreamVersion(i as u64 + 1), event);
+            evolve(&mut state, StreamVersion(i as u64 + 1), Timestamp(i as i64 * 10), event);
         }
         state
     }
@@ -217,7 +230,11 @@ mod tests {
         let decision = decide(&state, user(BOB), &send(2, 1, 10));
         assert_eq!(
             decision,
-            Ok(MailboxDecision::AlreadyDone(Some(Acceptance { version: StreamVersion(2), settled: false })))
+            Ok(MailboxDecision::AlreadyDone(Some(Acceptance {
+                version: StreamVersion(2),
+                settled: false,
+                accepted_at: Timestamp(10)
+            })))
         );
     }
 
@@ -233,7 +250,11 @@ mod tests {
         let state = given(&[accepted(1, 1), delivered]);
         assert_eq!(
             decide(&state, user(BOB), &send(1, 1, 10)),
-            Ok(MailboxDecision::AlreadyDone(Some(Acceptance { version: StreamVersion(1), settled: true })))
+            Ok(MailboxDecision::AlreadyDone(Some(Acceptance {
+                version: StreamVersion(1),
+                settled: true,
+                accepted_at: Timestamp(0)
+            })))
         );
     }
 

@@ -52,6 +52,8 @@ pub struct AppendOutcome {
     pub last_position: Position,
     /// The stream's version after the append.
     pub stream_version: StreamVersion,
+    /// When the store recorded the events.
+    pub recorded_at: Timestamp,
 }
 
 /// Errors of the event-store layer that callers can act on.
@@ -193,7 +195,12 @@ pub fn plan_batch(
             head = ChainHead { position, hash };
         }
         current.insert(&request.stream_id, version);
-        outcomes.push(Ok(AppendOutcome { first_position, last_position: head.position, stream_version: version }));
+        outcomes.push(Ok(AppendOutcome {
+            first_position,
+            last_position: head.position,
+            stream_version: version,
+            recorded_at,
+        }));
     }
     BatchPlan { outcomes, records, head }
 }

@@ -6,8 +6,8 @@ use libsignal_protocol::IdentityKeyPair;
 use privcomm::bus::inprocess::InProcessBus;
 use privcomm::eventstore::LogStore;
 use privcomm::keygen::KeyedUser;
+use privcomm_api::ApiConfig;
 use privcomm_api::limits::{RateLimit, RateLimits};
-use privcomm_api::{ApiConfig, AppState};
 use privcomm_domain::clock::ManualClock;
 use privcomm_domain::{EventBus, Timestamp};
 use serde_json::{Value, json};
@@ -49,6 +49,7 @@ pub struct TestApi {
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop_connections: tokio::sync::watch::Sender<bool>,
     cleanup: Cleanup,
 }
 
@@ -74,8 +75,15 @@ impl TestApi {
             }
         };
         let config = config(limits);
-        let state = AppState::new(store.clone(), bus, store.clone(), clock.clone(), &config);
-        let app = privcomm_api::router(state, &config);
+        let (stop_connections, connections_stop) = tokio::sync::watch::channel(false);
+        let app = privcomm::serve::build_app(
+            store.clone(),
+            bus,
+            clock.clone(),
+            &config,
+            privcomm_relay::RelaySettings::default(),
+            connections_stop,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let address = listener.local_addr().map_err(|e| e.to_string())?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -92,11 +100,13 @@ impl TestApi {
             clock,
             http: reqwest::Client::new(),
             stop: Some(stop),
+            stop_connections,
             cleanup,
         })
     }
 
     pub async fn shutdown(mut self) {
+        let _ = self.stop_connections.send(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -106,6 +116,11 @@ impl TestApi {
                 db.drop_database().await;
             }
         }
+    }
+
+    /// The WebSocket URL of the relay.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("{}/v1/websocket{query}", self.base.replacen("http://", "ws://", 1))
     }
 
     pub fn url(&self, path: &str) -> String {
