@@ -186,6 +186,7 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
     let app = crate::serve::build_app(
         store.clone(),
         bus,
+        None,
         Arc::new(SystemClock),
         &config,
         privcomm_relay::RelaySettings::default(),

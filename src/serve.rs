@@ -2,7 +2,7 @@
 //! publisher, and serves the HTTP API until shutdown.
 
 use crate::bus::inprocess::InProcessBus;
-use crate::bus::nats::{NatsBus, NatsBusConfig};
+use crate::bus::nats::{NatsBus, NatsBusConfig, NatsPresence};
 use crate::clock::SystemClock;
 use crate::config::ServeConfig;
 use crate::eventstore::postgres::{PoolSize, PostgresEventStore};
@@ -15,6 +15,7 @@ use privcomm_api::AppState;
 use privcomm_api::users::Directory;
 use privcomm_domain::EventBus;
 use privcomm_relay::hub::Hub;
+use privcomm_relay::presence::Presence;
 use privcomm_relay::{RelaySettings, RelayState};
 use std::fs::File;
 use std::future::Future;
@@ -99,37 +100,56 @@ fn lock_exclusively(database: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Opens the bus: JetStream when `NATS_URL` is set, else in-process.
-pub async fn open_bus(config: &ServeConfig, store: Arc<dyn LogStore>) -> anyhow::Result<Arc<dyn EventBus>> {
+/// Opens the bus: JetStream when `NATS_URL` is set, else in-process. With
+/// NATS comes presence (cluster-wide connection takeover).
+pub async fn open_bus(
+    config: &ServeConfig,
+    store: Arc<dyn LogStore>,
+) -> anyhow::Result<(Arc<dyn EventBus>, Option<Arc<dyn Presence>>)> {
     match &config.nats_url {
         Some(url) => {
-            let bus_config = NatsBusConfig { stream_name: config.nats_stream.clone(), ..NatsBusConfig::default() };
+            let bus_config = NatsBusConfig::for_stream(&config.nats_stream);
             let bus = NatsBus::connect(url, bus_config).await.context("connecting to NATS JetStream (NATS_URL)")?;
-            Ok(Arc::new(bus))
+            let presence: Arc<dyn Presence> = Arc::new(NatsPresence::new(&bus));
+            Ok((Arc::new(bus), Some(presence)))
         }
-        None => Ok(Arc::new(InProcessBus::new(store))),
+        None => Ok((Arc::new(InProcessBus::new(store)), None)),
     }
 }
 
 /// The HTTP API and the WebSocket relay on one router, over one store.
 /// `stop_connections` turning true closes relay connections with 1001.
+///
+/// Starts the relay's background tasks: doorbells from the bus and, with
+/// `presence`, cluster-wide takeover. They stop with `stop_connections`.
 pub fn build_app(
     store: Arc<dyn LogStore>,
     bus: Arc<dyn EventBus>,
+    presence: Option<Arc<dyn Presence>>,
     clock: Arc<dyn privcomm_domain::Clock>,
     api_config: &privcomm_api::ApiConfig,
     relay_settings: RelaySettings,
     stop_connections: watch::Receiver<bool>,
 ) -> axum::Router {
-    let state = AppState::new(store.clone(), bus, store.clone(), clock.clone(), api_config);
+    let state = AppState::new(store.clone(), bus.clone(), store.clone(), clock.clone(), api_config);
+    let hub = Arc::new(Hub::default());
+    tokio::spawn(privcomm_relay::presence::ring_doorbells(bus, hub.clone(), stop_connections.clone()));
+    if let Some(presence) = &presence {
+        tokio::spawn(privcomm_relay::presence::follow_presence(
+            presence.clone(),
+            hub.clone(),
+            stop_connections.clone(),
+        ));
+    }
     let relay = RelayState {
         users: state.users.clone(),
         mailboxes: Arc::new(Directory::new(store, api_config.user_cache_capacity, state.metrics.clone())),
         tokens: state.tokens.clone(),
         clock,
-        hub: Arc::new(Hub::default()),
+        hub,
         settings: relay_settings,
         shutdown: stop_connections,
+        presence,
     };
     privcomm_api::router(state, api_config).merge(privcomm_relay::router(relay))
 }
@@ -142,7 +162,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let opened = open_store(&config).await?;
     let store = opened.store.clone();
-    let bus = open_bus(&config, store.clone()).await?;
+    let (bus, presence) = open_bus(&config, store.clone()).await?;
     let (stop, stopped) = watch::channel(false);
     let wait_stop = move || {
         let mut stopped = stopped.clone();
@@ -154,8 +174,15 @@ pub async fn run(
 
     let api_config = config.api_config();
     let (stop_connections, connections_stop) = watch::channel(false);
-    let app =
-        build_app(store.clone(), bus, Arc::new(SystemClock), &api_config, RelaySettings::default(), connections_stop);
+    let app = build_app(
+        store.clone(),
+        bus.clone(),
+        presence,
+        Arc::new(SystemClock),
+        &api_config,
+        RelaySettings::default(),
+        connections_stop,
+    );
     let address = listener.local_addr().context("reading the listen address")?;
     tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

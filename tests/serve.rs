@@ -4,83 +4,11 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
+use support::node::{Server, privcomm, start_server};
 use support::{TempDir, TestDatabase, TestResult};
-
-const SETTINGS: [&str; 11] = [
-    "LISTEN_ADDR",
-    "DATABASE_URL",
-    "NATS_URL",
-    "NATS_STREAM",
-    "SECRET_KEY",
-    "ENVIRONMENT",
-    "DB_POOL_MIN_SIZE",
-    "DB_POOL_MAX_SIZE",
-    "AUTO_MIGRATE",
-    "LOG_FORMAT",
-    "RUST_LOG",
-];
-
-/// The `privcomm` binary in `dir` with none of its settings inherited.
-fn privcomm(dir: &TempDir) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_privcomm"));
-    command.current_dir(&dir.path);
-    for setting in SETTINGS {
-        command.env_remove(setting);
-    }
-    command
-}
-
-/// A running server; killed if the test ends early.
-struct Server {
-    child: Child,
-    address: SocketAddr,
-    logs: mpsc::Receiver<String>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `command serve --listen 127.0.0.1:0` and reads the bound address
-/// from its JSON start-up log line.
-fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
-    let mut child =
-        command.args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (lines_tx, logs) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        let line =
-            logs.recv_timeout(Duration::from_secs(60)).map_err(|_| format!("no start-up line; logs: {seen:?}"))?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("log line is not JSON ({e}): {line}"))?;
-        for field in ["timestamp", "level", "target"] {
-            if parsed.get(field).is_none() {
-                return Err(format!("log line lacks {field}: {line}").into());
-            }
-        }
-        if parsed["message"] == "privcomm serving" {
-            let address = parsed["address"].as_str().ok_or("no address field")?.parse()?;
-            return Ok(Server { child, address, logs });
-        }
-        seen.push(line);
-    }
-}
 
 /// Reads the server's log until the "request completed" line of the request
 /// with `request_id` (10 s at most). Returns every line read, and that one parsed.

@@ -40,6 +40,9 @@ pub async fn refuse(socket: WebSocket, reason: &'static str) {
 /// Serves an authenticated connection of `user` until it ends.
 pub async fn serve(socket: WebSocket, state: RelayState, user: UserId) {
     let mut connected = state.hub.connect(user);
+    if let Some(presence) = &state.presence {
+        presence.announce(user, connected.id).await;
+    }
     let (mut sink, mut stream) = socket.split();
     let result = run(&mut sink, &mut stream, &state, user, &mut connected).await;
     state.hub.disconnect(user, connected.id);
@@ -95,7 +98,7 @@ async fn run(
         tokio::select! {
             () = connected.wake.notified() => {}
             _ = &mut connected.displaced => return Ok(Ending::Displaced),
-            () = stopped(&mut shutdown) => return Ok(Ending::ShuttingDown),
+            () = crate::presence::stopped(&mut shutdown) => return Ok(Ending::ShuttingDown),
             _ = ping.tick() => {
                 if last_heard.elapsed() > state.settings.idle_timeout {
                     return Ok(Ending::Idle);
@@ -133,19 +136,6 @@ async fn run(
                     }
                 }
             }
-        }
-    }
-}
-
-/// Resolves once the shutdown flag is true (never, if its sender is gone).
-async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    loop {
-        let stop = *shutdown.borrow_and_update();
-        if stop {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            std::future::pending::<()>().await;
         }
     }
 }

@@ -12,13 +12,14 @@
 //! mailbox rules are the `privcomm_domain::mailbox` aggregate, decided and
 //! appended through the API's aggregate directory.
 //!
-//! Status: single-node delivery is served. Cross-node fan-out over NATS,
-//! cluster-wide takeover, offline push and the load generator are still to
-//! come (see the "Relay cluster" issue).
+//! [`presence`] carries what crosses nodes: doorbells from the event bus and
+//! connection announcements. Offline push and the load generator are still
+//! to come (see the "Relay cluster" issue).
 
 pub mod connection;
 pub mod frames;
 pub mod hub;
+pub mod presence;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -92,6 +93,8 @@ pub struct RelayState {
     pub settings: RelaySettings,
     /// Turns true when the node shuts down (connections close with 1001).
     pub shutdown: watch::Receiver<bool>,
+    /// Connection announcements to and from other nodes (cluster mode).
+    pub presence: Option<Arc<dyn presence::Presence>>,
 }
 
 /// The relay routes.

@@ -23,13 +23,22 @@ use std::time::Duration;
 pub struct NatsBusConfig {
     /// JetStream stream name (`NATS_STREAM`, default `PRIVCOMM_EVENTS`).
     pub stream_name: String,
-    /// Subject prefix; events go to `<prefix>.<event type>`.
+    /// Subject prefix; events go to `<prefix>.<event type>` (`privcomm.<stream>` by default).
     pub subject_prefix: String,
+}
+
+impl NatsBusConfig {
+    /// The stream `stream_name` on subjects `privcomm.<stream_name>.<EventType>`:
+    /// distinct streams never share subjects, so several deployments (or
+    /// test runs) can share one NATS server.
+    pub fn for_stream(stream_name: &str) -> NatsBusConfig {
+        NatsBusConfig { stream_name: stream_name.to_owned(), subject_prefix: format!("privcomm.{stream_name}") }
+    }
 }
 
 impl Default for NatsBusConfig {
     fn default() -> Self {
-        NatsBusConfig { stream_name: "PRIVCOMM_EVENTS".into(), subject_prefix: "privcomm.events".into() }
+        NatsBusConfig::for_stream("PRIVCOMM_EVENTS")
     }
 }
 
@@ -153,6 +162,48 @@ impl EventBus for NatsBus {
             .map(|message| {
                 let message = message.map_err(transport)?;
                 serde_json::from_slice::<RecordedEvent>(&message.payload).map_err(|e| BusError::Decode(e.to_string()))
+            })
+            .boxed())
+    }
+}
+
+/// Connection announcements over core NATS (`privcomm.presence.<stream>`), so
+/// a newer connection of a user on any node displaces the older one.
+pub struct NatsPresence {
+    client: async_nats::Client,
+    subject: String,
+}
+
+impl NatsPresence {
+    /// Presence on the same NATS connection and namespace as `bus`.
+    pub fn new(bus: &NatsBus) -> NatsPresence {
+        NatsPresence {
+            client: bus.jetstream.client(),
+            subject: format!("privcomm.presence.{}", bus.config.stream_name),
+        }
+    }
+}
+
+#[async_trait]
+impl privcomm_relay::presence::Presence for NatsPresence {
+    async fn announce(&self, user: privcomm_domain::UserId, connection: uuid::Uuid) {
+        let payload = format!("{} {connection}", user.0);
+        if let Err(error) = self.client.publish(self.subject.clone(), payload.into()).await {
+            tracing::warn!(%error, "cannot announce a connection; an older one elsewhere may stay open");
+        }
+        let _ = self.client.flush().await;
+    }
+
+    async fn announcements(&self) -> Result<BoxStream<'static, (privcomm_domain::UserId, uuid::Uuid)>, String> {
+        let subscriber = self.client.subscribe(self.subject.clone()).await.map_err(|e| e.to_string())?;
+        Ok(subscriber
+            .filter_map(|message| async move {
+                let text = std::str::from_utf8(&message.payload).ok()?;
+                let (user, connection) = text.split_once(' ')?;
+                Some((
+                    privcomm_domain::UserId(uuid::Uuid::parse_str(user).ok()?),
+                    uuid::Uuid::parse_str(connection).ok()?,
+                ))
             })
             .boxed())
     }

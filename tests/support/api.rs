@@ -79,6 +79,7 @@ impl TestApi {
         let app = privcomm::serve::build_app(
             store.clone(),
             bus,
+            None,
             clock.clone(),
             &config,
             privcomm_relay::RelaySettings::default(),
