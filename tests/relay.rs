@@ -30,6 +30,7 @@ in_both_modes!(
     the_backlog_comes_first_in_order_then_queue_empty_then_live,
     a_second_connection_displaces_the_first_with_4409,
     bad_frames_get_error_frames_and_the_connection_stays,
+    shutdown_closes_connections_with_1001_and_loses_nothing,
 );
 
 struct Pair {
@@ -249,6 +250,27 @@ async fn bad_frames_get_error_frames_and_the_connection_stays(mode: Mode) -> Tes
     assert_eq!(alice_again.frame().await?["type"], "queue_empty");
     alice_again.send_message(&message_id(3), &bob.0, b"still here").await?;
     assert_eq!(bob_ws.frame().await?["id"], json!(message_id(3)));
+    api.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_closes_connections_with_1001_and_loses_nothing(mode: Mode) -> TestResult {
+    let Pair { api, alice, bob } = pair(mode).await?;
+    let mut bob_ws = connect(&api, &bob.1).await?;
+    assert_eq!(bob_ws.frame().await?["type"], "queue_empty");
+    let mut alice_ws = connect(&api, &alice.1).await?;
+    assert_eq!(alice_ws.frame().await?["type"], "queue_empty");
+    alice_ws.send_message(&message_id(1), &bob.0, b"before shutdown").await?;
+    assert_eq!(alice_ws.frame().await?["type"], "sent");
+    assert_eq!(bob_ws.frame().await?["id"], json!(message_id(1))); // received, not acked
+    let store = api.store.clone();
+    api.close_connections();
+    assert_eq!(bob_ws.next(Duration::from_secs(5)).await?, Received::Closed(1001));
+    assert_eq!(alice_ws.next(Duration::from_secs(5)).await?, Received::Closed(1001));
+    // The unacked message is still pending for the next connection (any node).
+    let events = store.read_all(privcomm_domain::Position(0), 1000).await?;
+    assert_eq!(events.iter().filter(|e| e.event_type == "MessageDelivered").count(), 0);
+    assert_eq!(events.iter().filter(|e| e.event_type == "MessageAccepted").count(), 1);
     api.shutdown().await;
     Ok(())
 }

@@ -106,6 +106,11 @@ impl TestApi {
         })
     }
 
+    /// What a node does first when shutting down: relay connections close with 1001.
+    pub fn close_connections(&self) {
+        let _ = self.stop_connections.send(true);
+    }
+
     pub async fn shutdown(mut self) {
         let _ = self.stop_connections.send(true);
         if let Some(stop) = self.stop.take() {
