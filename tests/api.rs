@@ -2,6 +2,7 @@
 //! in-process bus) and cluster (PostgreSQL + NATS JetStream). Keys are real
 //! libsignal keys; a fetched bundle must establish a real PQXDH session.
 
+#[macro_use]
 mod support;
 
 use privcomm_domain::{Clock as _, Position};
@@ -10,19 +11,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use support::TestResult;
 use support::api::{Client, Mode, TestApi, b64, generous_limits};
-
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod embedded { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() -> super::TestResult { super::$name(super::Mode::Embedded).await }
-        )* }
-        mod cluster { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() -> super::TestResult { super::$name(super::Mode::Cluster).await }
-        )* }
-    };
-}
 
 in_both_modes!(
     a_fetched_bundle_establishes_a_real_pqxdh_session,

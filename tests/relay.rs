@@ -2,6 +2,7 @@
 //! authentication, delivery with acks, retries, backlog then live, takeover,
 //! and bad input. (Cross-node delivery is still to come.)
 
+#[macro_use]
 mod support;
 
 use serde_json::{Value, json};
@@ -9,19 +10,6 @@ use std::time::Duration;
 use support::TestResult;
 use support::api::{Client, Mode, TestApi, generous_limits};
 use support::ws::{Received, WsClient};
-
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod embedded { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() -> super::TestResult { super::$name(super::Mode::Embedded).await }
-        )* }
-        mod cluster { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() -> super::TestResult { super::$name(super::Mode::Cluster).await }
-        )* }
-    };
-}
 
 in_both_modes!(
     a_connection_without_a_valid_token_is_closed_with_1008,

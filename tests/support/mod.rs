@@ -1,7 +1,23 @@
 //! Shared helpers for the integration tests: real PostgreSQL, real NATS,
 //! fresh databases and streams per test. A missing service fails the test
 //! with a message that says how to start it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
+
+/// Runs each named `async fn(Mode) -> TestResult` twice: embedded (SQLite +
+/// in-process bus) and cluster (PostgreSQL + NATS). The calling file must
+/// have `Mode` and `TestResult` in scope.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod embedded { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() -> super::TestResult { super::$name(super::Mode::Embedded).await }
+        )* }
+        mod cluster { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() -> super::TestResult { super::$name(super::Mode::Cluster).await }
+        )* }
+    };
+}
 
 use privcomm::eventstore::postgres::{PoolSize, PostgresEventStore};
 use privcomm::eventstore::sqlite::SqliteEventStore;
