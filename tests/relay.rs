@@ -19,6 +19,7 @@ in_both_modes!(
     a_second_connection_displaces_the_first_with_4409,
     bad_frames_get_error_frames_and_the_connection_stays,
     shutdown_closes_connections_with_1001_and_loses_nothing,
+    ten_thousand_random_frames_over_a_live_socket_only_get_documented_answers,
 );
 
 struct Pair {
@@ -259,6 +260,96 @@ async fn shutdown_closes_connections_with_1001_and_loses_nothing(mode: Mode) -> 
     let events = store.read_all(privcomm_domain::Position(0), 1000).await?;
     assert_eq!(events.iter().filter(|e| e.event_type == "MessageDelivered").count(), 0);
     assert_eq!(events.iter().filter(|e| e.event_type == "MessageAccepted").count(), 1);
+    api.shutdown().await;
+    Ok(())
+}
+
+/// Random text frames: lossy bytes, shuffled JSON fragments, and valid frames
+/// with random edits. Seeded, so a failure reproduces.
+fn random_frames(count: usize, to: &str) -> Vec<String> {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(0xfa11_0f_f4a3e5);
+    let valid = [
+        json!({"v":1,"type":"send","id":message_id(5),"to":to,"kind":"whisper","body":"aGk="}).to_string(),
+        json!({"v":1,"type":"ack","id":message_id(5)}).to_string(),
+    ];
+    let fragments = [
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"v\":1",
+        "\"type\":",
+        "\"send\"",
+        "\"ack\"",
+        ",",
+        ":",
+        "\"id\"",
+        "null",
+        "1e999",
+        "\"\\u0000\"",
+    ];
+    (0..count)
+        .map(|n| match n % 3 {
+            0 => {
+                String::from_utf8_lossy(&(0..rng.random_range(0..120)).map(|_| rng.random::<u8>()).collect::<Vec<_>>())
+                    .into_owned()
+            }
+            1 => (0..rng.random_range(1..12)).map(|_| fragments[rng.random_range(0..fragments.len())]).collect(),
+            _ => {
+                let mut chars: Vec<char> = valid[n % 2].chars().collect();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..chars.len());
+                    chars[at] = char::from(rng.random_range(b' '..=b'~'));
+                }
+                chars.into_iter().collect()
+            }
+        })
+        .collect()
+}
+
+async fn ten_thousand_random_frames_over_a_live_socket_only_get_documented_answers(mode: Mode) -> TestResult {
+    let Pair { api, alice, bob } = pair(mode).await?;
+    let mut bob_ws = connect(&api, &bob.1).await?;
+    assert_eq!(bob_ws.frame().await?["type"], "queue_empty");
+    let codes = privcomm_relay::frames::codes::ALL;
+    let (mut errors, mut sent, mut reconnects, mut errors_here) = (0, 0, 0, 0);
+    let mut ws = connect(&api, &alice.1).await?;
+    assert_eq!(ws.frame().await?["type"], "queue_empty");
+    for text in random_frames(10_000, &bob.0) {
+        ws.send_text(&text).await?;
+        match ws.next(Duration::from_secs(10)).await? {
+            Received::Frame(frame) if frame["type"] == "error" => {
+                let code = frame["code"].as_str().unwrap_or("");
+                assert!(codes.contains(&code), "undocumented code {code} for {text:?}");
+                errors += 1;
+                errors_here += 1;
+            }
+            Received::Frame(frame) if frame["type"] == "sent" => sent += 1,
+            other => return Err(format!("unexpected answer {other:?} to {text:?}").into()),
+        }
+        if errors_here == privcomm_relay::connection::MAX_ERRORS {
+            // Repeated abuse: the documented 1008. Come back and go on.
+            assert_eq!(ws.next(Duration::from_secs(10)).await?, Received::Closed(1008));
+            reconnects += 1;
+            errors_here = 0;
+            ws = connect(&api, &alice.1).await?;
+            assert_eq!(ws.frame().await?["type"], "queue_empty");
+        }
+    }
+    assert!(errors > 9_000 && reconnects > 0, "errors {errors}, sent {sent}, reconnects {reconnects}");
+    // The node kept serving: bob still receives what alice sends.
+    let mut alice_ws = connect(&api, &alice.1).await?;
+    assert_eq!(alice_ws.frame().await?["type"], "queue_empty");
+    alice_ws.send_message(&message_id(10_001), &bob.0, b"still serving").await?;
+    loop {
+        let frame = bob_ws.frame().await?;
+        if frame["id"] == json!(message_id(10_001)) {
+            break;
+        }
+        bob_ws.ack(frame["id"].as_str().ok_or("id")?).await?; // fuzzed frames that happened to be valid sends
+    }
     api.shutdown().await;
     Ok(())
 }

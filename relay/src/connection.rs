@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use tokio::time::Instant;
 
 /// Error frames after which a connection counts as abusive and is closed.
-const MAX_ERRORS: u32 = 100;
+pub const MAX_ERRORS: u32 = 100;
 
 fn millis(at: Timestamp) -> i64 {
     at.0.div_euclid(1_000)
