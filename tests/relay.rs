@@ -269,7 +269,7 @@ async fn shutdown_closes_connections_with_1001_and_loses_nothing(mode: Mode) -> 
 fn random_frames(count: usize, to: &str) -> Vec<String> {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    let mut rng = StdRng::seed_from_u64(0xfa11_0f_f4a3e5);
+    let mut rng = StdRng::seed_from_u64(0xfa11_0ff4_a3e5);
     let valid = [
         json!({"v":1,"type":"send","id":message_id(5),"to":to,"kind":"whisper","body":"aGk="}).to_string(),
         json!({"v":1,"type":"ack","id":message_id(5)}).to_string(),

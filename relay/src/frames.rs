@@ -299,7 +299,7 @@ mod tests {
     /// code; none panics. Seeded, so a failure reproduces.
     #[test]
     fn ten_thousand_random_frames_never_panic() {
-        let mut rng = StdRng::seed_from_u64(0x5eed_f4a3e5);
+        let mut rng = StdRng::seed_from_u64(0x005e_edf4_a3e5);
         let valid = [send_text("aGVsbG8="), format!(r#"{{"v":1,"type":"ack","id":"{ID}"}}"#)];
         let alphabet: Vec<char> = r#"{}[]":,0123456789abcdefvtype-_ \u{0}é😀\"#.chars().collect();
         let (mut accepted, mut refused) = (0, 0);
