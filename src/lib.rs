@@ -11,6 +11,7 @@
 //! - [`bench`] and [`bench_api`]: the event-store and API benchmarks
 //!   (`privcomm bench-store`, `privcomm bench-api`).
 //! - [`keygen`]: real libsignal key material for benchmarks and tests.
+//! - [`loadgen`]: the relay load run (`privcomm loadgen`).
 //!
 //! The domain, API, relay and projection crates know only the traits; this
 //! crate chooses implementations and wires them together.
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod eventstore;
 pub mod keygen;
+pub mod loadgen;
 pub mod migrate;
 pub mod outbox;
 pub mod serve;

@@ -25,6 +25,8 @@ enum Command {
     BenchStore(privcomm::bench::BenchArgs),
     /// Benchmark bundle fetches and registrations through the API (see docs/BENCHMARKS.md).
     BenchApi(privcomm::bench_api::BenchApiArgs),
+    /// Relay load run: nodes, clients, open-loop messages (see docs/BENCHMARKS.md).
+    Loadgen(privcomm::loadgen::LoadgenArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -82,6 +84,10 @@ async fn main() -> std::process::ExitCode {
             // Request logs would drown the figures and cost CPU the benchmark measures.
             init_logging_with(LogFormat::Text, "warn");
             privcomm::bench_api::run(args).await
+        }
+        Command::Loadgen(args) => {
+            init_logging_with(LogFormat::Text, "warn");
+            privcomm::loadgen::run(args).await
         }
     };
     match result {

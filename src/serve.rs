@@ -117,6 +117,11 @@ pub async fn open_bus(
     }
 }
 
+/// Resolves once `flag` is true (never, if its sender is gone).
+pub async fn wait_until_true(flag: &mut watch::Receiver<bool>) {
+    privcomm_relay::presence::stopped(flag).await;
+}
+
 /// The HTTP API and the WebSocket relay on one router, over one store.
 /// `stop_connections` turning true closes relay connections with 1001.
 ///
