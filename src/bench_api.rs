@@ -15,7 +15,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use privcomm_api::limits::{RateLimit, RateLimits};
 use rand::Rng as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -234,19 +234,8 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
     let mut ids = Vec::with_capacity(keyed.len());
     let mut tokens = Vec::with_capacity(keyed.len());
     for user in &keyed {
-        let id = user.user_id();
-        let challenge: Value =
-            http.post(format!("{base}/v1/auth/challenge")).json(&json!({ "user_id": id })).send().await?.json().await?;
-        let nonce = challenge["nonce"].as_str().context("no nonce")?;
-        let token: Value = http
-            .post(format!("{base}/v1/auth/token"))
-            .json(&json!({ "user_id": id, "nonce": nonce, "signature": user.sign(nonce.as_bytes()) }))
-            .send()
-            .await?
-            .json()
-            .await?;
-        tokens.push(token["token"].as_str().context("no token")?.to_owned());
-        ids.push(id);
+        tokens.push(user.login(&http, &base).await?);
+        ids.push(user.user_id());
     }
     let (ids, tokens) = (Arc::new(ids), Arc::new(tokens));
 

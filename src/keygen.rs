@@ -1,6 +1,7 @@
 //! Real libsignal key material for a would-be user, as the registration API
-//! expects it. Used by `privcomm bench-api` and by the tests; the Android
-//! client generates its own keys (and keeps the private halves).
+//! expects it, and the two HTTP steps a client takes with it (register, log
+//! in). Used by `privcomm bench-api`, `privcomm loadgen` and the tests; the
+//! Android client generates its own keys (and keeps the private halves).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -85,5 +86,36 @@ impl KeyedUser {
             "one_time_prekeys": (1..=one_time).map(KeyedUser::one_time_prekey).collect::<Vec<_>>(),
             "kyber_prekeys": (1..=kyber).map(|id| self.kyber_prekey(id)).collect::<Vec<_>>(),
         })
+    }
+}
+
+impl KeyedUser {
+    /// `POST /v1/accounts` at `base` (e.g. `http://127.0.0.1:8080`) with no one-time keys.
+    pub async fn register(&self, http: &reqwest::Client, base: &str, registration_id: u32) -> anyhow::Result<()> {
+        let response =
+            http.post(format!("{base}/v1/accounts")).json(&self.registration(registration_id, 0, 0)).send().await?;
+        anyhow::ensure!(response.status().as_u16() == 201, "registration answered {}", response.status());
+        Ok(())
+    }
+
+    /// Challenge, signature, token: returns a login token.
+    pub async fn login(&self, http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+        let user_id = self.user_id();
+        let challenge: Value = http
+            .post(format!("{base}/v1/auth/challenge"))
+            .json(&json!({ "user_id": user_id }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let nonce = challenge["nonce"].as_str().ok_or_else(|| anyhow::anyhow!("no nonce in {challenge}"))?;
+        let token: Value = http
+            .post(format!("{base}/v1/auth/token"))
+            .json(&json!({ "user_id": user_id, "nonce": nonce, "signature": self.sign(nonce.as_bytes()) }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(token["token"].as_str().ok_or_else(|| anyhow::anyhow!("no token in {token}"))?.to_owned())
     }
 }

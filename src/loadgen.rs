@@ -168,29 +168,8 @@ async fn load(args: &LoadgenArgs, db_url: &str, stream: &str) -> anyhow::Result<
     let base = format!("http://{}", nodes[0].address);
     let mut tokens = Vec::with_capacity(users.len());
     for (i, user) in users.iter().enumerate() {
-        let status = http
-            .post(format!("{base}/v1/accounts"))
-            .json(&user.registration(1 + i as u32 % 16_000, 0, 0))
-            .send()
-            .await?
-            .status();
-        anyhow::ensure!(status.as_u16() == 201, "registration answered {status}");
-        let challenge: Value = http
-            .post(format!("{base}/v1/auth/challenge"))
-            .json(&json!({ "user_id": user.user_id() }))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let nonce = challenge["nonce"].as_str().context("no nonce")?;
-        let token: Value = http
-            .post(format!("{base}/v1/auth/token"))
-            .json(&json!({ "user_id": user.user_id(), "nonce": nonce, "signature": user.sign(nonce.as_bytes()) }))
-            .send()
-            .await?
-            .json()
-            .await?;
-        tokens.push(token["token"].as_str().context("no token")?.to_owned());
+        user.register(&http, &base, 1 + i as u32 % 16_000).await?;
+        tokens.push(user.login(&http, &base).await?);
     }
     let ids: Vec<String> = users.iter().map(KeyedUser::user_id).collect();
 

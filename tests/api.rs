@@ -5,7 +5,7 @@
 #[macro_use]
 mod support;
 
-use privcomm_domain::{Clock as _, Position};
+use privcomm_domain::Clock as _;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -472,7 +472,6 @@ async fn rate_limits_allow_exactly_the_limit_then_answer_429(mode: Mode) -> Test
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"registration\"} 1"), "{metrics}");
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"key_bundle\"} 1"));
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"token_issue\"} 1"));
-    let _ = Position(0);
     api.shutdown().await;
     Ok(())
 }

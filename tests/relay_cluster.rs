@@ -60,23 +60,9 @@ impl Cluster {
 
 /// Registers a user through `server` and logs in; returns (user id, token).
 async fn user(server: &Server, phone: &str) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
-    let base = format!("http://{}", server.address);
-    let http = reqwest::Client::new();
-    let keys = KeyedUser::new(phone);
-    let status = http.post(format!("{base}/v1/accounts")).json(&keys.registration(5, 0, 0)).send().await?.status();
-    assert_eq!(status.as_u16(), 201);
-    let id = keys.user_id();
-    let challenge: serde_json::Value =
-        http.post(format!("{base}/v1/auth/challenge")).json(&json!({ "user_id": id })).send().await?.json().await?;
-    let nonce = challenge["nonce"].as_str().ok_or("nonce")?;
-    let token: serde_json::Value = http
-        .post(format!("{base}/v1/auth/token"))
-        .json(&json!({ "user_id": id, "nonce": nonce, "signature": keys.sign(nonce.as_bytes()) }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok((id, token["token"].as_str().ok_or("token")?.to_owned()))
+    let (base, http, keys) = (format!("http://{}", server.address), reqwest::Client::new(), KeyedUser::new(phone));
+    keys.register(&http, &base, 5).await?;
+    Ok((keys.user_id(), keys.login(&http, &base).await?))
 }
 
 fn message_id(n: usize) -> String {
