@@ -135,13 +135,14 @@ impl<A: Aggregate> Directory<A> {
 
     /// Decides on the current state and appends the events at the version
     /// decided on; on a conflict, catches up and decides again. `respond`
-    /// sees the state the decision was made on and the events (none when the
-    /// decision was that nothing needs doing).
+    /// sees the state the decision was made on, the events (none when the
+    /// decision was that nothing needs doing) and, if they were appended,
+    /// when the store recorded them.
     pub async fn decide_and_append<R>(
         &self,
         id: A::Id,
         decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
-        respond: impl FnOnce(&A::State, &[DomainEvent]) -> R,
+        respond: impl FnOnce(&A::State, &[DomainEvent], Option<Timestamp>) -> R,
     ) -> Result<R, ApiError> {
         let entry = self.entry(id);
         let mut folded = entry.lock().await;
@@ -149,7 +150,7 @@ impl<A: Aggregate> Directory<A> {
             self.catch_up(id, &mut folded).await?;
             let events = decide(&folded.state)?;
             if events.is_empty() {
-                return Ok(respond(&folded.state, &events));
+                return Ok(respond(&folded.state, &events, None));
             }
             let new_events = events
                 .iter()
@@ -164,7 +165,7 @@ impl<A: Aggregate> Directory<A> {
             match self.store.append(request).await {
                 Ok(outcome) => {
                     self.metrics.events_appended(events.len());
-                    let response = respond(&folded.state, &events);
+                    let response = respond(&folded.state, &events, Some(outcome.recorded_at));
                     let first = outcome.stream_version.0 + 1 - events.len() as u64;
                     for (offset, event) in events.iter().enumerate() {
                         A::evolve(&mut folded.state, StreamVersion(first + offset as u64), outcome.recorded_at, event);
@@ -195,6 +196,7 @@ impl Directory<Users> {
         command: &UserCommand,
         respond: impl FnOnce(&UserState, &[DomainEvent]) -> R,
     ) -> Result<R, ApiError> {
-        self.decide_and_append(user, |state| Ok(decide(state, command)?), respond).await
+        self.decide_and_append(user, |state| Ok(decide(state, command)?), |state, events, _| respond(state, events))
+            .await
     }
 }

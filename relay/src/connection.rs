@@ -219,7 +219,7 @@ async fn handle_text(
                         Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
                         Err(error) => Err(ApiError::field("ack", error.to_string())),
                     },
-                    |_, _| (),
+                    |_, _, _| (),
                 )
                 .await;
             match outcome {
@@ -260,20 +260,21 @@ async fn send(
                 Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
                 Err(error) => Err(ApiError::field("send", error.to_string())),
             },
-            |_, events| !events.is_empty(),
+            // Durable once appended: answer with the acceptance time, which a
+            // retry finds in the state it was decided on.
+            |mailbox, _, recorded_at| match recorded_at {
+                Some(at) => (true, at),
+                None => (false, mailbox.accepted.get(&(sender, id)).map(|a| a.accepted_at).unwrap_or_default()),
+            },
         )
         .await;
-    let appended = match decided {
-        Ok(appended) => appended,
+    let (appended, accepted_at) = match decided {
+        Ok(decided) => decided,
         Err(ApiError::InvalidField { message, .. }) => {
             return Ok(Err(FrameError { code: codes::INVALID_FRAME, message, reference: Some(id.0.to_string()) }));
         }
         Err(other) => return Err(other),
     };
-    // Durable now (the append committed): answer with the acceptance time,
-    // the same for every retry.
-    let accepted_at =
-        state.mailboxes.read(to, |m| m.accepted.get(&(sender, id)).map(|a| a.accepted_at)).await?.unwrap_or_default();
     if appended {
         state.hub.wake(to);
     }
