@@ -5,7 +5,6 @@
 //! load comes from the same process (closed loop, a fixed number of
 //! requesters), so server and load generator share the machine's cores.
 
-use crate::bus::inprocess::InProcessBus;
 use crate::clock::SystemClock;
 use crate::eventstore::LogStore;
 use crate::eventstore::postgres::{PoolSize, PostgresEventStore};
@@ -181,12 +180,11 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         cors_origins: vec![],
         user_cache_capacity: args.users + 100,
     };
-    let bus = Arc::new(InProcessBus::new(store.clone()));
+    let links = crate::serve::Links::embedded(store.clone(), Default::default());
     let (_keep_connections_open, connections_stop) = tokio::sync::watch::channel(false);
     let app = crate::serve::build_app(
         store.clone(),
-        bus,
-        None,
+        links,
         Arc::new(SystemClock),
         &config,
         privcomm_relay::RelaySettings::default(),

@@ -11,7 +11,7 @@
 //! received. The result is printed and written as JSON.
 
 use crate::bench::ScratchDatabase;
-use crate::bus::nats::{NatsBus, NatsBusConfig, NatsPresence};
+use crate::bus::nats::{NatsBus, NatsBusConfig};
 use crate::clock::SystemClock;
 use crate::eventstore::LogStore;
 use crate::eventstore::postgres::{PoolSize, PostgresEventStore};
@@ -82,9 +82,9 @@ async fn start_node(
 ) -> anyhow::Result<Node> {
     let pool = crate::eventstore::postgres::connect_pool(db_url, PoolSize { min: 2, max: 10 }).await?;
     let store: Arc<dyn LogStore> = Arc::new(PostgresEventStore::open(pool, Arc::new(SystemClock)).await?);
-    let bus = NatsBus::connect(nats_url, NatsBusConfig::for_stream(stream)).await?;
-    let presence: Arc<dyn privcomm_relay::presence::Presence> = Arc::new(NatsPresence::new(&bus));
-    let bus: Arc<dyn privcomm_domain::EventBus> = Arc::new(bus);
+    let links =
+        crate::serve::Links::nats(Arc::new(NatsBus::connect(nats_url, NatsBusConfig::for_stream(stream)).await?));
+    let bus = links.bus.clone();
     let (stop, stopped) = watch::channel(false);
     let outbox_stop = {
         let mut stopped = stopped.clone();
@@ -93,8 +93,7 @@ async fn start_node(
     tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(outbox_stop));
     let app = crate::serve::build_app(
         store,
-        bus,
-        Some(presence),
+        links,
         Arc::new(SystemClock),
         config,
         privcomm_relay::RelaySettings::default(),

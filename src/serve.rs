@@ -1,8 +1,8 @@
 //! `privcomm serve`: opens the store and the bus, starts the outbox
 //! publisher, and serves the HTTP API until shutdown.
 
-use crate::bus::inprocess::InProcessBus;
-use crate::bus::nats::{NatsBus, NatsBusConfig, NatsPresence};
+use crate::bus::inprocess::{InProcessBus, InProcessPush};
+use crate::bus::nats::{NatsBus, NatsBusConfig, NatsPresence, NatsPush};
 use crate::clock::SystemClock;
 use crate::config::ServeConfig;
 use crate::eventstore::postgres::{PoolSize, PostgresEventStore};
@@ -15,7 +15,8 @@ use privcomm_api::AppState;
 use privcomm_api::users::Directory;
 use privcomm_domain::EventBus;
 use privcomm_relay::hub::Hub;
-use privcomm_relay::presence::Presence;
+use privcomm_relay::presence::{Presence, Roster};
+use privcomm_relay::push::{PushSink, Pusher};
 use privcomm_relay::{RelaySettings, RelayState};
 use std::fs::File;
 use std::future::Future;
@@ -100,20 +101,41 @@ fn lock_exclusively(database: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Opens the bus: JetStream when `NATS_URL` is set, else in-process. With
-/// NATS comes presence (cluster-wide connection takeover).
-pub async fn open_bus(
-    config: &ServeConfig,
-    store: Arc<dyn LogStore>,
-) -> anyhow::Result<(Arc<dyn EventBus>, Option<Arc<dyn Presence>>)> {
+/// How a node talks to the others: the event bus, presence signals (cluster
+/// mode only) and where push requests go.
+#[derive(Clone)]
+pub struct Links {
+    /// Committed events, in log order.
+    pub bus: Arc<dyn EventBus>,
+    /// Who is connected where, across nodes.
+    pub presence: Option<Arc<dyn Presence>>,
+    /// "You have mail" requests for a push gateway.
+    pub push: Arc<dyn PushSink>,
+}
+
+impl Links {
+    /// Embedded mode: the in-process bus over `store`, no presence, the given push feed.
+    pub fn embedded(store: Arc<dyn LogStore>, push: Arc<InProcessPush>) -> Links {
+        Links { bus: Arc::new(InProcessBus::new(store)), presence: None, push }
+    }
+
+    /// Cluster mode: JetStream, presence and push subjects on one NATS connection.
+    pub fn nats(bus: Arc<NatsBus>) -> Links {
+        let presence: Arc<dyn Presence> = Arc::new(NatsPresence::new(&bus));
+        let push: Arc<dyn PushSink> = Arc::new(NatsPush::new(&bus));
+        Links { bus, presence: Some(presence), push }
+    }
+}
+
+/// Opens the links: NATS when `NATS_URL` is set, else in-process.
+pub async fn open_links(config: &ServeConfig, store: Arc<dyn LogStore>) -> anyhow::Result<Links> {
     match &config.nats_url {
         Some(url) => {
             let bus_config = NatsBusConfig::for_stream(&config.nats_stream);
             let bus = NatsBus::connect(url, bus_config).await.context("connecting to NATS JetStream (NATS_URL)")?;
-            let presence: Arc<dyn Presence> = Arc::new(NatsPresence::new(&bus));
-            Ok((Arc::new(bus), Some(presence)))
+            Ok(Links::nats(Arc::new(bus)))
         }
-        None => Ok((Arc::new(InProcessBus::new(store)), None)),
+        None => Ok(Links::embedded(store, Arc::new(InProcessPush::default()))),
     }
 }
 
@@ -126,23 +148,27 @@ pub async fn wait_until_true(flag: &mut watch::Receiver<bool>) {
 /// `stop_connections` turning true closes relay connections with 1001.
 ///
 /// Starts the relay's background tasks: doorbells from the bus and, with
-/// `presence`, cluster-wide takeover. They stop with `stop_connections`.
+/// presence, cluster-wide takeover and the roster of who is online where.
+/// They stop with `stop_connections`.
 pub fn build_app(
     store: Arc<dyn LogStore>,
-    bus: Arc<dyn EventBus>,
-    presence: Option<Arc<dyn Presence>>,
+    links: Links,
     clock: Arc<dyn privcomm_domain::Clock>,
     api_config: &privcomm_api::ApiConfig,
     relay_settings: RelaySettings,
     stop_connections: watch::Receiver<bool>,
 ) -> axum::Router {
+    let Links { bus, presence, push } = links;
     let state = AppState::new(store.clone(), bus.clone(), store.clone(), clock.clone(), api_config);
     let hub = Arc::new(Hub::default());
+    let roster = Arc::new(Roster::new(uuid::Uuid::now_v7(), relay_settings.presence.lease));
     tokio::spawn(privcomm_relay::presence::ring_doorbells(bus, hub.clone(), stop_connections.clone()));
     if let Some(presence) = &presence {
         tokio::spawn(privcomm_relay::presence::follow_presence(
             presence.clone(),
             hub.clone(),
+            roster.clone(),
+            relay_settings.presence,
             stop_connections.clone(),
         ));
     }
@@ -155,6 +181,8 @@ pub fn build_app(
         settings: relay_settings,
         shutdown: stop_connections,
         presence,
+        roster,
+        pusher: Arc::new(Pusher::new(push, relay_settings.push_coalesce)),
     };
     privcomm_api::router(state, api_config).merge(privcomm_relay::router(relay))
 }
@@ -167,7 +195,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let opened = open_store(&config).await?;
     let store = opened.store.clone();
-    let (bus, presence) = open_bus(&config, store.clone()).await?;
+    let links = open_links(&config, store.clone()).await?;
+    let bus = links.bus.clone();
     let (stop, stopped) = watch::channel(false);
     let wait_stop = move || {
         let mut stopped = stopped.clone();
@@ -179,15 +208,8 @@ pub async fn run(
 
     let api_config = config.api_config();
     let (stop_connections, connections_stop) = watch::channel(false);
-    let app = build_app(
-        store.clone(),
-        bus.clone(),
-        presence,
-        Arc::new(SystemClock),
-        &api_config,
-        RelaySettings::default(),
-        connections_stop,
-    );
+    let app =
+        build_app(store.clone(), links, Arc::new(SystemClock), &api_config, RelaySettings::default(), connections_stop);
     let address = listener.local_addr().context("reading the listen address")?;
     tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

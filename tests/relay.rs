@@ -1,6 +1,6 @@
 //! The WebSocket relay on one node, embedded and on PostgreSQL + NATS:
 //! authentication, delivery with acks, retries, backlog then live, takeover,
-//! and bad input. (Cross-node delivery is still to come.)
+//! bad input, and offline push. Cross-node behaviour is in relay_cluster.rs.
 
 #[macro_use]
 mod support;
@@ -20,6 +20,7 @@ in_both_modes!(
     bad_frames_get_error_frames_and_the_connection_stays,
     shutdown_closes_connections_with_1001_and_loses_nothing,
     ten_thousand_random_frames_over_a_live_socket_only_get_documented_answers,
+    an_offline_recipient_with_a_push_token_is_told_it_has_mail_and_nothing_else,
 );
 
 struct Pair {
@@ -350,6 +351,38 @@ async fn ten_thousand_random_frames_over_a_live_socket_only_get_documented_answe
         }
         bob_ws.ack(frame["id"].as_str().ok_or("id")?).await?; // fuzzed frames that happened to be valid sends
     }
+    api.shutdown().await;
+    Ok(())
+}
+
+async fn an_offline_recipient_with_a_push_token_is_told_it_has_mail_and_nothing_else(mode: Mode) -> TestResult {
+    let Pair { api, alice, bob } = pair(mode).await?;
+    let mut pushes = api.push_requests().await?;
+    let mut alice_ws = connect(&api, &alice.1).await?;
+    assert_eq!(alice_ws.frame().await?["type"], "queue_empty");
+    // Offline without a token: nothing to push to.
+    alice_ws.send_message(&message_id(1), &bob.0, b"one").await?;
+    assert_eq!(alice_ws.frame().await?["type"], "sent");
+    let token = json!({ "platform": "fcm", "token": "bob-device-token" });
+    assert_eq!(api.put_auth("/v1/push-token", &bob.1, &token).await?.0, 204);
+    // Offline with a token: one request, with no sender, id or content in it.
+    alice_ws.send_message(&message_id(2), &bob.0, b"two").await?;
+    assert_eq!(alice_ws.frame().await?["type"], "sent");
+    let push = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut pushes)).await?;
+    assert_eq!(push, Some(json!({ "v": 1, "type": "mail", "platform": "fcm", "token": "bob-device-token" })));
+    // A retry is not a new message: no second push.
+    alice_ws.send_message(&message_id(2), &bob.0, b"two").await?;
+    assert_eq!(alice_ws.frame().await?["type"], "sent");
+    // Online: delivered over the socket, no push.
+    let mut bob_ws = connect(&api, &bob.1).await?;
+    for n in [1, 2] {
+        assert_eq!(bob_ws.frame().await?["id"], json!(message_id(n)));
+    }
+    assert_eq!(bob_ws.frame().await?["type"], "queue_empty");
+    alice_ws.send_message(&message_id(3), &bob.0, b"three").await?;
+    assert_eq!(bob_ws.frame().await?["id"], json!(message_id(3)));
+    let more = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut pushes)).await;
+    assert!(more.is_err(), "unexpected push: {more:?}");
     api.shutdown().await;
     Ok(())
 }

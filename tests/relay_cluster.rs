@@ -3,6 +3,7 @@
 
 mod support;
 
+use futures::StreamExt as _;
 use privcomm::keygen::KeyedUser;
 use serde_json::json;
 use std::collections::HashSet;
@@ -172,6 +173,43 @@ async fn when_a_node_dies_every_message_still_arrives_exactly_once_at_the_app() 
     let expected: HashSet<String> = (0..TOTAL).map(message_id).collect();
     assert_eq!(stored, expected, "every message exactly once at the app layer");
     assert!(deliveries >= TOTAL - 50, "node A must deliver what B did not get acked");
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_online_on_another_node_gets_no_push_and_one_once_it_leaves() -> TestResult {
+    let cluster = Cluster::start().await?;
+    let (_, alice_token) = user(&cluster.a, "+15552000007").await?;
+    let (bob, bob_token) = user(&cluster.a, "+15552000008").await?;
+    let http = reqwest::Client::new();
+    let status = http
+        .put(format!("http://{}/v1/push-token", cluster.b.address))
+        .bearer_auth(&bob_token)
+        .json(&json!({ "platform": "apns", "token": "bob-phone" }))
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, 204);
+    let nats = async_nats::connect(support::nats_url()).await?;
+    let mut pushes = nats.subscribe(format!("privcomm.push.{}.apns", cluster.stream)).await?;
+    nats.flush().await?;
+    let mut alice_ws = connected(&Cluster::ws(&cluster.a), &alice_token).await?;
+    let mut bob_ws = connected(&Cluster::ws(&cluster.b), &bob_token).await?;
+    // Node A hears from B's presence signal that Bob is online there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alice_ws.send_message(&message_id(100), &bob, b"while online on B").await?;
+    assert_eq!(alice_ws.frame().await?["type"], "sent");
+    assert_eq!(bob_ws.frame().await?["id"], json!(message_id(100)));
+    let early = tokio::time::timeout(Duration::from_millis(700), pushes.next()).await;
+    assert!(early.is_err(), "a push for a recipient online on another node: {early:?}");
+    bob_ws.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    alice_ws.send_message(&message_id(101), &bob, b"while away").await?;
+    assert_eq!(alice_ws.frame().await?["type"], "sent");
+    let push = tokio::time::timeout(Duration::from_secs(5), pushes.next()).await?.ok_or("subscription ended")?;
+    let push: serde_json::Value = serde_json::from_slice(&push.payload)?;
+    assert_eq!(push, json!({ "v": 1, "type": "mail", "platform": "apns", "token": "bob-phone" }));
     cluster.stop().await;
     Ok(())
 }

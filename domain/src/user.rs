@@ -118,6 +118,24 @@ pub struct RegisteredUser {
     pub one_time_prekeys: BTreeMap<PreKeyId, OneTimePreKey>,
     /// Unused one-time Kyber prekeys, handed out lowest id first.
     pub kyber_prekeys: BTreeMap<KyberPreKeyId, KyberPreKey>,
+    /// Where to send "you have mail" while the user is offline.
+    pub push: Option<PushTarget>,
+}
+
+/// A device's push registration.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PushTarget {
+    /// `fcm` or `apns`.
+    pub platform: String,
+    /// The platform's device token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for PushTarget {
+    // A device token addresses one phone: keep it out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushTarget").field("platform", &self.platform).field("token", &"…").finish()
+    }
 }
 
 /// The state folded from a user stream.
@@ -232,6 +250,7 @@ pub fn evolve(state: &mut UserState, event: &DomainEvent) {
                 keys: keys.clone(),
                 one_time_prekeys: BTreeMap::new(),
                 kyber_prekeys: BTreeMap::new(),
+                push: None,
             });
         }
         DomainEvent::IdentityKeyChanged { keys, .. } => {
@@ -239,6 +258,8 @@ pub fn evolve(state: &mut UserState, event: &DomainEvent) {
                 user.keys = keys.clone();
                 user.one_time_prekeys.clear();
                 user.kyber_prekeys.clear();
+                // A new identity is a new device: the old one's token must not ring.
+                user.push = None;
             }
         }
         DomainEvent::SignedPreKeyRotated { signed_prekey, kyber_last_resort } => {
@@ -269,10 +290,14 @@ pub fn evolve(state: &mut UserState, event: &DomainEvent) {
                 }
             }
         }
+        DomainEvent::PushTokenRegistered { platform, token, .. } => {
+            if let Some(user) = &mut state.registered {
+                user.push = Some(PushTarget { platform: platform.clone(), token: token.clone() });
+            }
+        }
         DomainEvent::MessageAccepted { .. }
         | DomainEvent::MessageDelivered { .. }
         | DomainEvent::MessageExpired { .. }
-        | DomainEvent::PushTokenRegistered { .. }
         | DomainEvent::EventsCompacted { .. } => {}
     }
 }
@@ -459,6 +484,20 @@ mod tests {
             scenario.when(upload(one_time(3..5), vec![])),
             Ok(vec![DomainEvent::OneTimePreKeysUploaded { prekeys: one_time(3..5) }])
         );
+    }
+
+    #[test]
+    fn the_latest_push_token_is_kept_until_the_identity_changes() {
+        let token =
+            |t: &str| DomainEvent::PushTokenRegistered { user_id: alice(), platform: "fcm".into(), token: t.into() };
+        let mut history = registered(1..2, 1..2);
+        history.extend([token("first"), token("second")]);
+        let scenario = given(history.clone());
+        let push = scenario.state.registered.as_ref().and_then(|u| u.push.clone());
+        assert_eq!(push, Some(PushTarget { platform: "fcm".into(), token: "second".into() }));
+        assert!(!format!("{push:?}").contains("second"), "a device token must not reach logs");
+        history.push(DomainEvent::IdentityKeyChanged { user_id: alice(), keys: keys(3) });
+        assert_eq!(given(history).state.registered.and_then(|u| u.push), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use crate::RelayState;
 use crate::frames::{ClientFrame, FrameError, ServerFrame, close, codes};
+use crate::presence::Signal;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt as _, StreamExt as _};
 use privcomm_api::error::ApiError;
@@ -40,12 +41,16 @@ pub async fn refuse(socket: WebSocket, reason: &'static str) {
 /// Serves an authenticated connection of `user` until it ends.
 pub async fn serve(socket: WebSocket, state: RelayState, user: UserId) {
     let mut connected = state.hub.connect(user);
+    let node = state.roster.node();
     if let Some(presence) = &state.presence {
-        presence.announce(user, connected.id).await;
+        presence.publish(Signal::Connected { node, user, connection: connected.id }).await;
     }
     let (mut sink, mut stream) = socket.split();
     let result = run(&mut sink, &mut stream, &state, user, &mut connected).await;
     state.hub.disconnect(user, connected.id);
+    if let Some(presence) = &state.presence {
+        presence.publish(Signal::Disconnected { node, user, connection: connected.id }).await;
+    }
     match result {
         Ok(Ending::ClientClosed) => {}
         Ok(Ending::Displaced) => close_with(&mut sink, close::CONNECTED_ELSEWHERE, "connected elsewhere").await,
@@ -242,14 +247,14 @@ async fn send(
     kind: String,
     body: Bytes,
 ) -> Result<Result<Option<ServerFrame>, FrameError>, ApiError> {
-    let registered = state.users.read(to, |u| u.registered.is_some()).await?;
-    if !registered {
+    let recipient = state.users.read(to, |u| u.registered.as_ref().map(|r| r.push.clone())).await?;
+    let Some(push_target) = recipient else {
         return Ok(Err(FrameError {
             code: codes::UNKNOWN_RECIPIENT,
             message: "no such recipient; nothing was stored".into(),
             reference: Some(id.0.to_string()),
         }));
-    }
+    };
     let command = MailboxCommand::Accept { message_id: id, sender, kind, body };
     let decided = state
         .mailboxes
@@ -277,6 +282,13 @@ async fn send(
     };
     if appended {
         state.hub.wake(to);
+        if let Some(target) = push_target
+            && !state.hub.contains(to)
+            && !state.roster.online_elsewhere(to)
+        {
+            let pusher = state.pusher.clone();
+            tokio::spawn(async move { pusher.mail(to, &target).await });
+        }
     }
     Ok(Ok(Some(ServerFrame::Sent { id, server_ts: millis(accepted_at) })))
 }

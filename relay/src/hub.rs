@@ -83,6 +83,16 @@ impl Hub {
         }
     }
 
+    /// Is `user` connected here?
+    pub fn contains(&self, user: UserId) -> bool {
+        self.lock().contains_key(&user)
+    }
+
+    /// Every connection here, as (user, connection id).
+    pub fn connections(&self) -> Vec<(UserId, Uuid)> {
+        self.lock().iter().map(|(user, r)| (*user, r.id)).collect()
+    }
+
     /// How many users are connected here.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -13,13 +13,14 @@
 //! appended through the API's aggregate directory.
 //!
 //! [`presence`] carries what crosses nodes: doorbells from the event bus and
-//! connection announcements. Offline push and the load generator are still
-//! to come (see the "Relay cluster" issue).
+//! presence signals (takeover, and who is online anywhere). [`push`] tells
+//! offline recipients' devices that they have mail.
 
 pub mod connection;
 pub mod frames;
 pub mod hub;
 pub mod presence;
+pub mod push;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -63,6 +64,10 @@ pub struct RelaySettings {
     pub ping_interval: Duration,
     /// Silence after which a connection is closed (90 s).
     pub idle_timeout: Duration,
+    /// At most one push request per offline user per this window (30 s).
+    pub push_coalesce: Duration,
+    /// Presence heartbeats and lease (cluster mode).
+    pub presence: presence::PresenceTiming,
 }
 
 impl Default for RelaySettings {
@@ -72,6 +77,8 @@ impl Default for RelaySettings {
             max_in_flight: 256,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            push_coalesce: Duration::from_secs(30),
+            presence: presence::PresenceTiming::default(),
         }
     }
 }
@@ -93,8 +100,12 @@ pub struct RelayState {
     pub settings: RelaySettings,
     /// Turns true when the node shuts down (connections close with 1001).
     pub shutdown: watch::Receiver<bool>,
-    /// Connection announcements to and from other nodes (cluster mode).
+    /// Presence signals to and from other nodes (cluster mode).
     pub presence: Option<Arc<dyn presence::Presence>>,
+    /// Who is connected on other nodes (empty in embedded mode).
+    pub roster: Arc<presence::Roster>,
+    /// "You have mail" for offline recipients.
+    pub pusher: Arc<push::Pusher>,
 }
 
 /// The relay routes.

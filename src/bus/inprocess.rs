@@ -85,3 +85,31 @@ impl EventBus for InProcessBus {
         Ok(stream.boxed())
     }
 }
+
+/// Push requests of embedded mode: an in-process feed that a push gateway
+/// running in the same process (or a test) subscribes to. Requests published
+/// while no one listens are dropped, as on a NATS subject.
+pub struct InProcessPush {
+    feed: tokio::sync::broadcast::Sender<privcomm_relay::push::PushRequest>,
+}
+
+impl Default for InProcessPush {
+    fn default() -> Self {
+        InProcessPush { feed: tokio::sync::broadcast::channel(1_024).0 }
+    }
+}
+
+impl InProcessPush {
+    /// Requests from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<privcomm_relay::push::PushRequest> {
+        self.feed.subscribe()
+    }
+}
+
+#[async_trait]
+impl privcomm_relay::push::PushSink for InProcessPush {
+    async fn publish(&self, request: &privcomm_relay::push::PushRequest) -> Result<(), String> {
+        let _ = self.feed.send(request.clone());
+        Ok(())
+    }
+}

@@ -16,6 +16,8 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use privcomm_domain::{BusError, EventBus, Position, RecordedEvent};
+use privcomm_relay::presence::Signal;
+use privcomm_relay::push::{PushRequest, PushSink};
 use std::time::Duration;
 
 /// Where the log goes on NATS.
@@ -167,8 +169,8 @@ impl EventBus for NatsBus {
     }
 }
 
-/// Connection announcements over core NATS (`privcomm.presence.<stream>`), so
-/// a newer connection of a user on any node displaces the older one.
+/// Presence signals over core NATS (`privcomm.presence.<stream>`, JSON), so
+/// every node knows who is connected where (takeover, offline push).
 pub struct NatsPresence {
     client: async_nats::Client,
     subject: String,
@@ -186,25 +188,45 @@ impl NatsPresence {
 
 #[async_trait]
 impl privcomm_relay::presence::Presence for NatsPresence {
-    async fn announce(&self, user: privcomm_domain::UserId, connection: uuid::Uuid) {
-        let payload = format!("{} {connection}", user.0);
+    async fn publish(&self, signal: Signal) {
+        let Ok(payload) = serde_json::to_vec(&signal) else { return };
         if let Err(error) = self.client.publish(self.subject.clone(), payload.into()).await {
-            tracing::warn!(%error, "cannot announce a connection; an older one elsewhere may stay open");
+            tracing::warn!(%error, "cannot publish a presence signal; takeover and push decisions may lag");
         }
-        let _ = self.client.flush().await;
     }
 
-    async fn announcements(&self) -> Result<BoxStream<'static, (privcomm_domain::UserId, uuid::Uuid)>, String> {
+    async fn signals(&self) -> Result<BoxStream<'static, Signal>, String> {
         let subscriber = self.client.subscribe(self.subject.clone()).await.map_err(|e| e.to_string())?;
-        Ok(subscriber
-            .filter_map(|message| async move {
-                let text = std::str::from_utf8(&message.payload).ok()?;
-                let (user, connection) = text.split_once(' ')?;
-                Some((
-                    privcomm_domain::UserId(uuid::Uuid::parse_str(user).ok()?),
-                    uuid::Uuid::parse_str(connection).ok()?,
-                ))
-            })
-            .boxed())
+        // Subscribed once the server has seen the SUB: signals published after
+        // this call returns are not missed.
+        self.client.flush().await.map_err(|e| e.to_string())?;
+        Ok(subscriber.filter_map(|message| async move { serde_json::from_slice(&message.payload).ok() }).boxed())
+    }
+}
+
+/// Push requests over core NATS, one subject per platform:
+/// `privcomm.push.<stream>.<platform>` (`fcm`, `apns`).
+pub struct NatsPush {
+    client: async_nats::Client,
+    prefix: String,
+}
+
+impl NatsPush {
+    /// Push requests on the same NATS connection and namespace as `bus`.
+    pub fn new(bus: &NatsBus) -> NatsPush {
+        NatsPush { client: bus.jetstream.client(), prefix: format!("privcomm.push.{}", bus.config.stream_name) }
+    }
+
+    /// The subject a platform's requests go to.
+    pub fn subject(&self, platform: &str) -> String {
+        format!("{}.{platform}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl PushSink for NatsPush {
+    async fn publish(&self, request: &PushRequest) -> Result<(), String> {
+        let payload = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+        self.client.publish(self.subject(&request.platform), payload.into()).await.map_err(|e| e.to_string())
     }
 }

@@ -3,13 +3,15 @@
 #![allow(dead_code)]
 
 use libsignal_protocol::IdentityKeyPair;
-use privcomm::bus::inprocess::InProcessBus;
+use privcomm::bus::inprocess::InProcessPush;
+use privcomm::bus::nats::NatsPush;
 use privcomm::eventstore::LogStore;
 use privcomm::keygen::KeyedUser;
+use privcomm::serve::Links;
 use privcomm_api::ApiConfig;
 use privcomm_api::limits::{RateLimit, RateLimits};
+use privcomm_domain::Timestamp;
 use privcomm_domain::clock::ManualClock;
-use privcomm_domain::{EventBus, Timestamp};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,7 +52,14 @@ pub struct TestApi {
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     stop_connections: tokio::sync::watch::Sender<bool>,
+    push: PushFeed,
     cleanup: Cleanup,
+}
+
+enum PushFeed {
+    InProcess(Arc<InProcessPush>),
+    /// The wildcard subject of every platform.
+    Nats(String),
 }
 
 enum Cleanup {
@@ -62,27 +71,29 @@ impl TestApi {
     pub async fn start(mode: Mode, limits: RateLimits) -> Result<TestApi, String> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
         let clock = Arc::new(ManualClock::new(Timestamp(now.as_micros() as i64)));
-        let (store, bus, cleanup): (Arc<dyn LogStore>, Arc<dyn EventBus>, Cleanup) = match mode {
+        let (store, links, push, cleanup): (Arc<dyn LogStore>, Links, PushFeed, Cleanup) = match mode {
             Mode::Embedded => {
                 let (store, dir) = super::sqlite_store(clock.clone()).await?;
                 let store: Arc<dyn LogStore> = Arc::new(store);
-                (store.clone(), Arc::new(InProcessBus::new(store)), Cleanup::Dir(dir))
+                let push = Arc::new(InProcessPush::default());
+                (store.clone(), Links::embedded(store, push.clone()), PushFeed::InProcess(push), Cleanup::Dir(dir))
             }
             Mode::Cluster => {
                 let (store, db) = super::postgres_store(clock.clone()).await?;
                 let bus = Arc::new(super::nats_bus().await?);
-                (Arc::new(store), bus.clone(), Cleanup::Cluster(Some(db), bus))
+                let subjects = NatsPush::new(&bus).subject("*");
+                (Arc::new(store), Links::nats(bus.clone()), PushFeed::Nats(subjects), Cleanup::Cluster(Some(db), bus))
             }
         };
         let config = config(limits);
         let (stop_connections, connections_stop) = tokio::sync::watch::channel(false);
         let app = privcomm::serve::build_app(
             store.clone(),
-            bus,
-            None,
+            links,
             clock.clone(),
             &config,
-            privcomm_relay::RelaySettings::default(),
+            // No coalescing, so that each push decision shows (coalescing has unit tests).
+            privcomm_relay::RelaySettings { push_coalesce: Duration::ZERO, ..Default::default() },
             connections_stop,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
@@ -102,8 +113,32 @@ impl TestApi {
             http: reqwest::Client::new(),
             stop: Some(stop),
             stop_connections,
+            push,
             cleanup,
         })
+    }
+
+    /// Push requests published from now on, as JSON.
+    pub async fn push_requests(&self) -> Result<futures::stream::BoxStream<'static, Value>, String> {
+        use futures::StreamExt as _;
+        match &self.push {
+            PushFeed::InProcess(push) => {
+                let feed = push.subscribe();
+                Ok(futures::stream::unfold(feed, |mut feed| async move {
+                    let request = feed.recv().await.ok()?;
+                    Some((serde_json::to_value(&request).ok()?, feed))
+                })
+                .boxed())
+            }
+            PushFeed::Nats(subjects) => {
+                let client = async_nats::connect(super::nats_url()).await.map_err(|e| e.to_string())?;
+                let subscriber = client.subscribe(subjects.clone()).await.map_err(|e| e.to_string())?;
+                client.flush().await.map_err(|e| e.to_string())?;
+                Ok(subscriber
+                    .filter_map(|message| async move { serde_json::from_slice::<Value>(&message.payload).ok() })
+                    .boxed())
+            }
+        }
     }
 
     /// What a node does first when shutting down: relay connections close with 1001.

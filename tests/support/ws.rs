@@ -85,6 +85,13 @@ impl WsClient {
         }
     }
 
+    /// Closes the connection (normal closure) and waits for the server's answer.
+    pub async fn close(&mut self) {
+        let _ = self.socket.close(None).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while self.socket.next().await.is_some() {} }).await;
+    }
+
     /// Nothing arrives within `wait`.
     pub async fn quiet(&mut self, wait: Duration) -> bool {
         tokio::time::timeout(wait, self.socket.next()).await.is_err()
