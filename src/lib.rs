@@ -26,4 +26,5 @@ pub mod keygen;
 pub mod loadgen;
 pub mod migrate;
 pub mod outbox;
+pub mod plot;
 pub mod serve;

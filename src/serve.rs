@@ -193,6 +193,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Each WebSocket is a file descriptor: use all the hard limit allows.
+    if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!(limit, "open-file limit");
+    }
     let opened = open_store(&config).await?;
     let store = opened.store.clone();
     let links = open_links(&config, store.clone()).await?;

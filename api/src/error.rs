@@ -83,7 +83,8 @@ impl From<DomainError> for ApiError {
 }
 
 /// Logs the whole chain of a 500's cause.
-fn log_internal(error: &(dyn std::error::Error + 'static)) {
+/// An error and its causes, `outer: inner: …`, for logs.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut chain = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -91,7 +92,11 @@ fn log_internal(error: &(dyn std::error::Error + 'static)) {
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
-    tracing::error!(error = %chain, "request failed");
+    chain
+}
+
+fn log_internal(error: &(dyn std::error::Error + 'static)) {
+    tracing::error!(error = %chain(error), "request failed");
 }
 
 impl IntoResponse for ApiError {

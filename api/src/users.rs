@@ -67,6 +67,8 @@ impl Aggregate for Users {
 struct Folded<S> {
     state: S,
     version: StreamVersion,
+    /// Caught up at least once (a new entry knows nothing yet).
+    loaded: bool,
 }
 
 /// Bounded cache of folded aggregates over the event store.
@@ -104,7 +106,11 @@ impl<A: Aggregate> Directory<A> {
             let Some(oldest) = cache.order.pop_front() else { break };
             cache.entries.remove(&oldest);
         }
-        let entry = Arc::new(tokio::sync::Mutex::new(Folded { state: A::State::default(), version: StreamVersion(0) }));
+        let entry = Arc::new(tokio::sync::Mutex::new(Folded {
+            state: A::State::default(),
+            version: StreamVersion(0),
+            loaded: false,
+        }));
         cache.entries.insert(id, entry.clone());
         cache.order.push_back(id);
         entry
@@ -120,6 +126,7 @@ impl<A: Aggregate> Directory<A> {
                 folded.version = recorded.stream_version;
             }
             if page.len() < PAGE {
+                folded.loaded = true;
                 return Ok(());
             }
         }
@@ -133,11 +140,35 @@ impl<A: Aggregate> Directory<A> {
         Ok(read(&folded.state))
     }
 
+    /// Reads from the cached state when `read` finds what it needs there
+    /// without a trip to the store — for facts that never change back, such
+    /// as "is registered"; otherwise catches up and reads again.
+    pub async fn read_cached<R>(
+        &self,
+        id: A::Id,
+        read: impl Fn(&A::State) -> Option<R>,
+    ) -> Result<Option<R>, ApiError> {
+        let entry = self.entry(id);
+        let mut folded = entry.lock().await;
+        if folded.loaded
+            && let Some(found) = read(&folded.state)
+        {
+            return Ok(Some(found));
+        }
+        self.catch_up(id, &mut folded).await?;
+        Ok(read(&folded.state))
+    }
+
     /// Decides on the current state and appends the events at the version
     /// decided on; on a conflict, catches up and decides again. `respond`
     /// sees the state the decision was made on, the events (none when the
     /// decision was that nothing needs doing) and, if they were appended,
     /// when the store recorded them.
+    ///
+    /// A cached instance is decided on optimistically, without reading the
+    /// store first: an append made on a stale state conflicts and is decided
+    /// again after catching up, and a refusal or a "nothing to do" is only
+    /// returned once confirmed on the caught-up state.
     pub async fn decide_and_append<R>(
         &self,
         id: A::Id,
@@ -146,9 +177,23 @@ impl<A: Aggregate> Directory<A> {
     ) -> Result<R, ApiError> {
         let entry = self.entry(id);
         let mut folded = entry.lock().await;
+        let mut caught_up = false;
         for _ in 0..MAX_ATTEMPTS {
-            self.catch_up(id, &mut folded).await?;
-            let events = decide(&folded.state)?;
+            if !folded.loaded {
+                self.catch_up(id, &mut folded).await?;
+                caught_up = true;
+            }
+            let decided = decide(&folded.state);
+            if !caught_up && decided.as_ref().map_or(true, Vec::is_empty) {
+                // Possibly stale: confirm on the current state.
+                let before = folded.version;
+                self.catch_up(id, &mut folded).await?;
+                caught_up = true;
+                if folded.version != before {
+                    continue;
+                }
+            }
+            let events = decided?;
             if events.is_empty() {
                 return Ok(respond(&folded.state, &events, None));
             }
@@ -173,7 +218,91 @@ impl<A: Aggregate> Directory<A> {
                     folded.version = outcome.stream_version;
                     return Ok(response);
                 }
-                Err(StoreError::Conflict { .. }) => continue, // another node wrote first: catch up, decide again
+                Err(StoreError::Conflict { .. }) => {
+                    // Another node wrote first: catch up, decide again.
+                    self.catch_up(id, &mut folded).await?;
+                    caught_up = true;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ApiError::internal(StoreError::Storage("stream too contended; gave up after retries".into())))
+    }
+}
+
+impl<A: Aggregate> Directory<A> {
+    /// Decides and appends without a stream-version check, for decisions
+    /// that stay right whatever else the stream gains meanwhile, made
+    /// idempotent by `event_id`: a deterministic id per event, so that the
+    /// same fact decided twice (here and on another node) is refused by the
+    /// store as a reused id. On that refusal it catches up and decides again.
+    /// Refusals and "nothing to do" are confirmed on the caught-up state, as
+    /// in [`Directory::decide_and_append`]; `respond` sees the state with the
+    /// appended events applied.
+    pub async fn append_idempotent<R>(
+        &self,
+        id: A::Id,
+        decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
+        event_id: impl Fn(&DomainEvent) -> Option<EventId>,
+        respond: impl FnOnce(&A::State, &[DomainEvent], Option<Timestamp>) -> R,
+    ) -> Result<R, ApiError> {
+        let entry = self.entry(id);
+        let mut folded = entry.lock().await;
+        let mut caught_up = false;
+        for _ in 0..MAX_ATTEMPTS {
+            if !folded.loaded {
+                self.catch_up(id, &mut folded).await?;
+                caught_up = true;
+            }
+            let decided = decide(&folded.state);
+            if !caught_up && decided.as_ref().map_or(true, Vec::is_empty) {
+                let before = folded.version;
+                self.catch_up(id, &mut folded).await?;
+                caught_up = true;
+                if folded.version != before {
+                    continue;
+                }
+            }
+            let events = decided?;
+            if events.is_empty() {
+                return Ok(respond(&folded.state, &events, None));
+            }
+            let new_events = events
+                .iter()
+                .map(|event| {
+                    let id = event_id(event).ok_or_else(|| {
+                        ApiError::internal(StoreError::InvalidAppend("an idempotent append needs derived event ids"))
+                    })?;
+                    event.to_new_event(id).map_err(ApiError::internal)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let request =
+                AppendRequest { stream_id: A::stream(id), expected: ExpectedVersion::Any, events: new_events };
+            match self.store.append(request).await {
+                Ok(outcome) => {
+                    self.metrics.events_appended(events.len());
+                    let first = outcome.stream_version.0 + 1 - events.len() as u64;
+                    if first == folded.version.0 + 1 {
+                        for (offset, event) in events.iter().enumerate() {
+                            A::evolve(
+                                &mut folded.state,
+                                StreamVersion(first + offset as u64),
+                                outcome.recorded_at,
+                                event,
+                            );
+                        }
+                        folded.version = outcome.stream_version;
+                    } else {
+                        // Others appended in between: read them, and ours, in order.
+                        self.catch_up(id, &mut folded).await?;
+                    }
+                    return Ok(respond(&folded.state, &events, Some(outcome.recorded_at)));
+                }
+                Err(StoreError::DuplicateEventId) => {
+                    // Already decided and stored (elsewhere, or by an earlier try): decide again on it.
+                    self.catch_up(id, &mut folded).await?;
+                    caught_up = true;
+                }
                 Err(error) => return Err(error.into()),
             }
         }
@@ -198,5 +327,115 @@ impl Directory<Users> {
     ) -> Result<R, ApiError> {
         self.decide_and_append(user, |state| Ok(decide(state, command)?), |state, events, _| respond(state, events))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two directories over one store stand for two nodes with their own caches.
+    use super::*;
+    use privcomm_domain::clock::ManualClock;
+    use privcomm_domain::memory::InMemoryEventStore;
+
+    /// The push tokens registered on a user stream, in order.
+    struct TokenLog;
+
+    impl Aggregate for TokenLog {
+        type Id = UserId;
+        type State = Vec<String>;
+        fn stream(id: UserId) -> StreamId {
+            StreamId::for_user(id)
+        }
+        fn evolve(state: &mut Vec<String>, _: StreamVersion, _: Timestamp, event: &DomainEvent) {
+            if let DomainEvent::PushTokenRegistered { token, .. } = event {
+                state.push(token.clone());
+            }
+        }
+    }
+
+    fn token(user: UserId, token: String) -> DomainEvent {
+        DomainEvent::PushTokenRegistered { user_id: user, platform: "fcm".into(), token }
+    }
+
+    fn nodes() -> (Directory<TokenLog>, Directory<TokenLog>) {
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new(Arc::new(ManualClock::new(Timestamp(0)))));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        (Directory::new(store.clone(), 10, metrics.clone()), Directory::new(store, 10, metrics))
+    }
+
+    /// Appends the next token, numbered after those the state holds.
+    async fn append_next(node: &Directory<TokenLog>, user: UserId) -> Vec<String> {
+        node.decide_and_append(user, |s| Ok(vec![token(user, format!("t{}", s.len() + 1))]), |_, e, _| e.to_vec())
+            .await
+            .expect("appends")
+            .into_iter()
+            .filter_map(|e| match e {
+                DomainEvent::PushTokenRegistered { token, .. } => Some(token),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_decision_on_a_stale_cache_conflicts_and_is_made_again_on_the_current_state() {
+        let (a, b) = nodes();
+        let user = UserId(Uuid::from_u128(7));
+        assert!(b.read(user, Vec::is_empty).await.expect("reads"), "b caches the empty stream");
+        assert_eq!(append_next(&a, user).await, ["t1"]);
+        // b still holds the empty state; its optimistic "t1" must not land.
+        assert_eq!(append_next(&b, user).await, ["t2"]);
+        assert_eq!(a.read(user, Clone::clone).await.expect("reads"), ["t1", "t2"]);
+    }
+
+    /// Registers `name` once: the event id is derived from it.
+    async fn register_once(node: &Directory<TokenLog>, user: UserId, name: &str) -> (Vec<String>, bool) {
+        node.append_idempotent(
+            user,
+            |s| Ok(if s.contains(&name.to_owned()) { vec![] } else { vec![token(user, name.to_owned())] }),
+            |e| match e {
+                DomainEvent::PushTokenRegistered { token, .. } => {
+                    Some(EventId(Uuid::new_v5(&Uuid::NAMESPACE_OID, token.as_bytes())))
+                }
+                _ => None,
+            },
+            |s, _, at| (s.clone(), at.is_some()),
+        )
+        .await
+        .expect("appends or finds it done")
+    }
+
+    #[tokio::test]
+    async fn idempotent_appends_do_not_conflict_and_land_once() {
+        let (a, b) = nodes();
+        let user = UserId(Uuid::from_u128(9));
+        assert!(b.read(user, Vec::is_empty).await.expect("reads"));
+        // a appends twice; b's cache is stale but its append needs no version check.
+        assert_eq!(register_once(&a, user, "x").await, (vec!["x".to_owned()], true));
+        assert_eq!(append_next(&a, user).await, ["t2"]);
+        assert_eq!(register_once(&b, user, "y").await, (vec!["x".to_owned(), "t2".to_owned(), "y".to_owned()], true));
+        // The same fact decided on a's stale cache: the store refuses the id, a catches up, nothing to do.
+        assert!(!register_once(&a, user, "y").await.1, "nothing appended");
+        assert_eq!(a.read(user, Clone::clone).await.expect("reads"), ["x", "t2", "y"]);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_no_ops_are_confirmed_on_the_current_state() {
+        let (a, b) = nodes();
+        let user = UserId(Uuid::from_u128(8));
+        assert!(b.read(user, Vec::is_empty).await.expect("reads"));
+        assert_eq!(append_next(&a, user).await, ["t1"]);
+        // On b's stale cache "t1" is missing; the answer must come from the store.
+        let found = b
+            .decide_and_append(
+                user,
+                |s| if s.contains(&"t1".to_owned()) { Ok(vec![]) } else { Err(ApiError::field("token", "missing")) },
+                |s, events, at| (s.len(), events.len(), at),
+            )
+            .await
+            .expect("confirmed on the current state");
+        assert_eq!(found, (1, 0, None));
+        assert_eq!(append_next(&a, user).await, ["t2"]);
+        let cached = b.read_cached(user, |s| s.contains(&"t2".to_owned()).then_some(s.len())).await.expect("reads");
+        assert_eq!(cached, Some(2), "not in the cache, so read from the store");
     }
 }

@@ -6,10 +6,39 @@
 //! sender may retry freely. Pending messages are ordered by the stream
 //! version of their acceptance, which is log order for this recipient.
 //! An ack settles a pending message once; acking it again is a no-op.
+//!
+//! Mailbox events carry deterministic event ids ([`event_id`]): accepting
+//! `(sender, message_id)` or settling a message twice would reuse an id,
+//! which the event store refuses. That makes these appends idempotent
+//! without a stream-version check, so the sender's node (accepting) and the
+//! recipient's node (acking) can write the same mailbox without conflicting
+//! (ADR 0008).
 
 use crate::events::{Bytes, DomainEvent};
-use crate::ids::{MessageId, StreamVersion, Timestamp, UserId};
+use crate::ids::{EventId, MessageId, StreamVersion, Timestamp, UserId};
 use std::collections::{BTreeMap, HashMap};
+use uuid::Uuid;
+
+/// Namespace of mailbox event ids (UUIDv5).
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x7072_6976_636f_6d6d_2d6d_6169_6c62_0001);
+
+/// The event id of a mailbox event, derived from what makes it unique: the
+/// recipient, sender and message id of an acceptance; the recipient and
+/// message id of a delivery or expiry (a message is settled once). `None`
+/// for events of other aggregates.
+pub fn event_id(event: &DomainEvent) -> Option<EventId> {
+    let name = match event {
+        DomainEvent::MessageAccepted { message_id, sender, recipient, .. } => {
+            format!("accepted/{}/{}/{}", recipient.0, sender.0, message_id.0)
+        }
+        DomainEvent::MessageDelivered { message_id, recipient }
+        | DomainEvent::MessageExpired { message_id, recipient } => {
+            format!("settled/{}/{}", recipient.0, message_id.0)
+        }
+        _ => return None,
+    };
+    Some(EventId(Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())))
+}
 
 /// Largest message body (ciphertext) the relay accepts, in bytes.
 pub const MAX_BODY_BYTES: usize = 96 * 1024;
@@ -181,7 +210,30 @@ pub fn evolve(state: &mut MailboxState, version: StreamVersion, recorded_at: Tim
 mod tests {
     //! Given events, when a command, then events or an error.
     use super::*;
-    use uuid::Uuid;
+
+    #[test]
+    fn mailbox_event_ids_name_what_may_happen_only_once() {
+        let accept = |sender: u128, message: u128, body: u8| DomainEvent::MessageAccepted {
+            message_id: id(message),
+            sender: user(sender),
+            recipient: user(BOB),
+            kind: "whisper".into(),
+            body: Bytes(vec![body]),
+        };
+        // The same (sender, id) is one acceptance whatever the body; another sender or id is another.
+        assert_eq!(event_id(&accept(1, 1, 0)), event_id(&accept(1, 1, 9)));
+        assert_ne!(event_id(&accept(1, 1, 0)), event_id(&accept(2, 1, 0)));
+        assert_ne!(event_id(&accept(1, 1, 0)), event_id(&accept(1, 2, 0)));
+        // Delivered and expired settle the same message: only one of them can be stored.
+        let delivered = DomainEvent::MessageDelivered { message_id: id(1), recipient: user(BOB) };
+        let expired = DomainEvent::MessageExpired { message_id: id(1), recipient: user(BOB) };
+        assert_eq!(event_id(&delivered), event_id(&expired));
+        assert_ne!(event_id(&delivered), event_id(&accept(1, 1, 0)));
+        assert_eq!(
+            event_id(&DomainEvent::EventsCompacted { up_to: crate::ids::Position(1), dropped_payloads: 0 }),
+            None
+        );
+    }
 
     fn user(n: u128) -> UserId {
         UserId(Uuid::from_u128(n))

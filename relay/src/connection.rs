@@ -59,7 +59,7 @@ pub async fn serve(socket: WebSocket, state: RelayState, user: UserId) {
         Ok(Ending::Idle) => close_with(&mut sink, close::GOING_AWAY, "idle timeout").await,
         Ok(Ending::ShuttingDown) => close_with(&mut sink, close::GOING_AWAY, "server shutting down").await,
         Err(error) => {
-            tracing::warn!(%error, "relay connection failed");
+            tracing::warn!(error = %privcomm_api::error::chain(&error), "relay connection failed");
             close_with(&mut sink, 1011, "internal error").await;
         }
     }
@@ -98,10 +98,16 @@ async fn run(
     let mut last_heard = Instant::now();
     let mut ping = tokio::time::interval(state.settings.ping_interval);
     ping.tick().await;
+    // Read the mailbox only when it may hold something to push: at the start,
+    // when woken, and when an ack reopens a full window.
+    let mut look = true;
     loop {
-        push_pending(sink, state, user, &mut delivery).await?;
+        if look {
+            look = false;
+            push_pending(sink, state, user, &mut delivery).await?;
+        }
         tokio::select! {
-            () = connected.wake.notified() => {}
+            () = connected.wake.notified() => look = true,
             _ = &mut connected.displaced => return Ok(Ending::Displaced),
             () = crate::presence::stopped(&mut shutdown) => return Ok(Ending::ShuttingDown),
             _ = ping.tick() => {
@@ -127,7 +133,12 @@ async fn run(
                         message: "frames are JSON text".into(),
                         reference: None,
                     }),
-                    Some(Ok(Message::Text(text))) => handle_text(state, user, text.as_str(), &mut delivery).await?,
+                    Some(Ok(Message::Text(text))) => {
+                        let window_was_full = delivery.unacked.len() >= state.settings.max_in_flight;
+                        let reply = handle_text(state, user, text.as_str(), &mut delivery).await?;
+                        look |= window_was_full && delivery.unacked.len() < state.settings.max_in_flight;
+                        reply
+                    }
                 };
                 match reply {
                     Ok(Some(frame)) => send_frame(sink, &frame).await,
@@ -217,13 +228,14 @@ async fn handle_text(
             let command = MailboxCommand::Acknowledge { message_id: id };
             let outcome = state
                 .mailboxes
-                .decide_and_append(
+                .append_idempotent(
                     user,
                     |m| match mailbox::decide(m, user, &command) {
                         Ok(MailboxDecision::Append(events)) => Ok(events),
                         Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
                         Err(error) => Err(ApiError::field("ack", error.to_string())),
                     },
+                    mailbox::event_id,
                     |_, _, _| (),
                 )
                 .await;
@@ -247,24 +259,28 @@ async fn send(
     kind: String,
     body: Bytes,
 ) -> Result<Result<Option<ServerFrame>, FrameError>, ApiError> {
-    let recipient = state.users.read(to, |u| u.registered.as_ref().map(|r| r.push.clone())).await?;
-    let Some(push_target) = recipient else {
+    // Registration is forever: a cached "registered" needs no trip to the store.
+    let registered = state.users.read_cached(to, |u| u.registered.as_ref().map(|_| ())).await?;
+    if registered.is_none() {
         return Ok(Err(FrameError {
             code: codes::UNKNOWN_RECIPIENT,
             message: "no such recipient; nothing was stored".into(),
             reference: Some(id.0.to_string()),
         }));
-    };
+    }
     let command = MailboxCommand::Accept { message_id: id, sender, kind, body };
+    // Idempotent by event id, so accepting here never conflicts with acks
+    // appended to the same mailbox by the recipient's node (ADR 0008).
     let decided = state
         .mailboxes
-        .decide_and_append(
+        .append_idempotent(
             to,
             |m| match mailbox::decide(m, to, &command) {
                 Ok(MailboxDecision::Append(events)) => Ok(events),
                 Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
                 Err(error) => Err(ApiError::field("send", error.to_string())),
             },
+            mailbox::event_id,
             // Durable once appended: answer with the acceptance time, which a
             // retry finds in the state it was decided on.
             |mailbox, _, recorded_at| match recorded_at {
@@ -282,12 +298,16 @@ async fn send(
     };
     if appended {
         state.hub.wake(to);
-        if let Some(target) = push_target
-            && !state.hub.contains(to)
-            && !state.roster.online_elsewhere(to)
-        {
-            let pusher = state.pusher.clone();
-            tokio::spawn(async move { pusher.mail(to, &target).await });
+        if !state.hub.contains(to) && !state.roster.online_elsewhere(to) && !state.pusher.recently_pushed(to) {
+            let (users, pusher) = (state.users.clone(), state.pusher.clone());
+            tokio::spawn(async move {
+                // The current token, read fresh: it may have changed on another node.
+                match users.read(to, |u| u.registered.as_ref().and_then(|r| r.push.clone())).await {
+                    Ok(Some(target)) => pusher.mail(to, &target).await,
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "cannot read a push token"),
+                }
+            });
         }
     }
     Ok(Ok(Some(ServerFrame::Sent { id, server_ts: millis(accepted_at) })))

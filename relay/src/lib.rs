@@ -68,6 +68,10 @@ pub struct RelaySettings {
     pub push_coalesce: Duration,
     /// Presence heartbeats and lease (cluster mode).
     pub presence: presence::PresenceTiming,
+    /// Initial read buffer of a connection (4 KiB; it grows for larger frames).
+    /// The WebSocket library's default of 128 KiB, allocated up front, would
+    /// be most of an idle connection's memory.
+    pub read_buffer_bytes: usize,
 }
 
 impl Default for RelaySettings {
@@ -79,6 +83,7 @@ impl Default for RelaySettings {
             idle_timeout: Duration::from_secs(90),
             push_coalesce: Duration::from_secs(30),
             presence: presence::PresenceTiming::default(),
+            read_buffer_bytes: 4 * 1024,
         }
     }
 }
@@ -137,7 +142,12 @@ async fn upgrade(
             },
         },
     };
-    let ws = ws.max_message_size(state.settings.max_frame_bytes).max_frame_size(state.settings.max_frame_bytes);
+    // Every frame is flushed as it is sent, so there is no write buffering to keep.
+    let ws = ws
+        .max_message_size(state.settings.max_frame_bytes)
+        .max_frame_size(state.settings.max_frame_bytes)
+        .read_buffer_size(state.settings.read_buffer_bytes)
+        .write_buffer_size(0);
     match authenticated {
         Ok(user) => ws.on_upgrade(move |socket| connection::serve(socket, state, user)),
         Err(reason) => ws.on_upgrade(move |socket| connection::refuse(socket, reason)),

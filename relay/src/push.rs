@@ -82,6 +82,12 @@ impl Pusher {
         }
     }
 
+    /// Was `user` pushed within the window? (Lets callers skip looking up a token.)
+    pub fn recently_pushed(&self, user: UserId) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.get(&user).is_some_and(|at| at.elapsed() < self.window)
+    }
+
     /// Tells `user`'s device it has mail, unless it was told within the window.
     pub async fn mail(&self, user: UserId, target: &PushTarget) {
         if !self.due(user) {

@@ -43,6 +43,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Shown only when the test fails (cargo captures a passing test's output).
+        for line in self.logs.try_iter() {
+            if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
+                eprintln!("server {}: {line}", self.address);
+            }
+        }
     }
 }
 
