@@ -8,6 +8,13 @@
 //! its publisher the moment its own commit lands (the store's in-process
 //! head watch), which is the fast path; events committed by other nodes
 //! arrive through LISTEN/NOTIFY.
+//!
+//! In cluster mode one node publishes at a time: [`publish_while_leader`]
+//! holds a PostgreSQL advisory lock on a connection of its own and publishes
+//! only while it holds it; the others stand by and take over within a
+//! second or two of its connection dropping (a crash, a network split).
+//! Two publishers at once would still be correct (ADR 0003) — the lock only
+//! keeps every node from reading and publishing every event (ADR 0009).
 
 use crate::eventstore::LogStore;
 use privcomm_domain::{BusError, EventBus, Position, StoreError};
@@ -120,6 +127,66 @@ impl OutboxPublisher {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The advisory lock key of the outbox publisher ("privcomm" in ASCII).
+pub const LEADER_LOCK: i64 = 0x7072_6976_636f_6d6d;
+
+/// Runs the publisher on this node whenever it holds the outbox lock of the
+/// PostgreSQL database at `database_url`, until `shutdown` resolves.
+pub async fn publish_while_leader(
+    database_url: String,
+    store: Arc<dyn LogStore>,
+    bus: Arc<dyn EventBus>,
+    shutdown: impl Future<Output = ()>,
+) {
+    use sqlx::Connection as _;
+    tokio::pin!(shutdown);
+    let mut standing_by = false;
+    loop {
+        let leading = async {
+            let mut connection = sqlx::PgConnection::connect(&database_url).await?;
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK)
+                .fetch_one(&mut connection)
+                .await?;
+            if !locked {
+                return Ok::<_, sqlx::Error>(false);
+            }
+            tracing::info!("this node publishes the outbox");
+            let publisher = OutboxPublisher::new(store.clone(), bus.clone()).run(std::future::pending());
+            // The lock lives as long as its connection: watch it.
+            let watch = async {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if let Err(error) = sqlx::query("SELECT 1").execute(&mut connection).await {
+                        return error;
+                    }
+                }
+            };
+            tokio::select! {
+                () = publisher => {}
+                error = watch => tracing::warn!(%error, "lost the outbox lock's connection; standing by"),
+            }
+            Ok(true)
+        };
+        tokio::select! {
+            () = &mut shutdown => return,
+            outcome = leading => match outcome {
+                Ok(true) => standing_by = false,
+                Ok(false) if !standing_by => {
+                    standing_by = true;
+                    tracing::info!("another node publishes the outbox; standing by");
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "cannot take the outbox lock; retrying in 1 s"),
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -208,7 +208,16 @@ pub async fn run(
             let _ = stopped.wait_for(|s| *s).await;
         }
     };
-    let outbox = tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(wait_stop()));
+    let outbox = match Backend::of_url(&config.database_url) {
+        // Several nodes share the database: one publishes at a time.
+        Some(Backend::Postgres) => tokio::spawn(crate::outbox::publish_while_leader(
+            config.database_url.clone(),
+            store.clone(),
+            bus.clone(),
+            wait_stop(),
+        )),
+        _ => tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(wait_stop())),
+    };
 
     let api_config = config.api_config();
     let (stop_connections, connections_stop) = watch::channel(false);

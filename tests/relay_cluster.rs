@@ -213,3 +213,50 @@ async fn a_recipient_online_on_another_node_gets_no_push_and_one_once_it_leaves(
     cluster.stop().await;
     Ok(())
 }
+
+/// Waits up to `within` for a log line of `server` containing `text`.
+fn logged(server: &Server, text: &str, within: Duration) -> bool {
+    if server.early.iter().any(|line| line.contains(text)) {
+        return true;
+    }
+    let deadline = std::time::Instant::now() + within;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match server.logs.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_publishes_the_outbox_and_another_takes_over_when_it_dies() -> TestResult {
+    const LEADS: &str = "this node publishes the outbox";
+    let mut cluster = Cluster::start().await?;
+    let (a_leads, b_leads) =
+        (logged(&cluster.a, LEADS, Duration::from_secs(10)), logged(&cluster.b, LEADS, Duration::from_secs(1)));
+    assert!(a_leads != b_leads, "exactly one node must publish (a: {a_leads}, b: {b_leads})");
+    let (leader, survivor) = if a_leads { (&mut cluster.a, &cluster.b) } else { (&mut cluster.b, &cluster.a) };
+    leader.child.kill()?;
+    leader.child.wait()?;
+    assert!(logged(survivor, LEADS, Duration::from_secs(10)), "the surviving node never took over the outbox");
+    // New events reach the bus through the survivor.
+    let (_, _) = user(survivor, "+15552000009").await?;
+    let db = cluster.db.as_ref().ok_or("database")?;
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head").fetch_one(&pool).await?;
+    let jetstream = async_nats::jetstream::new(async_nats::connect(support::nats_url()).await?);
+    let mut published = 0;
+    for _ in 0..100 {
+        published = jetstream.get_stream(&cluster.stream).await?.info().await?.state.last_sequence;
+        if published >= head as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(published, head as u64, "the bus must hold the whole log");
+    pool.close().await;
+    cluster.stop().await;
+    Ok(())
+}

@@ -171,11 +171,19 @@ impl BatchWriter for PostgresBatchWriter {
             return Ok(plan);
         }
         let columns = Columns::of(&plan.records);
+        // One round trip for the rows, the new head and the notification: the
+        // head lock is held from the SELECT … FOR UPDATE to the commit, so
+        // every round trip here is time no other node can append.
         sqlx::query(
-            "INSERT INTO events (position, stream_id, stream_version, event_id, event_type, schema_version,
-                                 recorded_at_us, payload, payload_hash, prev_hash, hash)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[],
-                                  $7::bigint[], $8::bytea[], $9::bytea[], $10::bytea[], $11::bytea[])",
+            "WITH inserted AS (
+                 INSERT INTO events (position, stream_id, stream_version, event_id, event_type, schema_version,
+                                     recorded_at_us, payload, payload_hash, prev_hash, hash)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[],
+                                      $7::bigint[], $8::bytea[], $9::bytea[], $10::bytea[], $11::bytea[])
+             ), head AS (
+                 UPDATE event_log_head SET position = $12, hash = $13 WHERE singleton
+             )
+             SELECT pg_notify($14, $15)",
         )
         .bind(&columns.position)
         .bind(&columns.stream_id)
@@ -188,21 +196,13 @@ impl BatchWriter for PostgresBatchWriter {
         .bind(&columns.payload_hash)
         .bind(&columns.prev_hash)
         .bind(&columns.hash)
+        .bind(plan.head.position.0 as i64)
+        .bind(plan.head.hash.0.as_slice())
+        .bind(NOTIFY_CHANNEL)
+        .bind(plan.head.position.0.to_string())
         .execute(&mut *tx)
         .await
         .map_err(sql_error)?;
-        sqlx::query("UPDATE event_log_head SET position = $1, hash = $2 WHERE singleton")
-            .bind(plan.head.position.0 as i64)
-            .bind(plan.head.hash.0.as_slice())
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_error)?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(NOTIFY_CHANNEL)
-            .bind(plan.head.position.0.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_error)?;
         tx.commit().await.map_err(sql_error)?;
         Ok(plan)
     }

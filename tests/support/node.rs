@@ -36,7 +36,10 @@ pub fn privcomm(dir: &super::TempDir) -> Command {
 pub struct Server {
     pub child: Child,
     pub address: SocketAddr,
+    /// Log lines after the start-up line.
     pub logs: mpsc::Receiver<String>,
+    /// Log lines before it.
+    pub early: Vec<String>,
 }
 
 impl Drop for Server {
@@ -79,7 +82,7 @@ pub fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::
         }
         if parsed["message"] == "privcomm serving" {
             let address = parsed["address"].as_str().ok_or("no address field")?.parse()?;
-            return Ok(Server { child, address, logs });
+            return Ok(Server { child, address, logs, early: seen });
         }
         seen.push(line);
     }
