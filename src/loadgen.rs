@@ -68,6 +68,9 @@ pub struct LoadgenArgs {
     /// Connect and hold the clients without sending: relay memory per idle connection.
     #[arg(long)]
     pub idle: bool,
+    /// Write each node's log to `DIR/node-N.log`.
+    #[arg(long)]
+    pub node_logs: Option<PathBuf>,
     /// Runtime worker threads per node (`TOKIO_WORKER_THREADS`; default: one per core).
     #[arg(long)]
     pub node_threads: Option<usize>,
@@ -96,6 +99,7 @@ impl NodeProcess {
         stream: &str,
         cache: usize,
         threads: Option<usize>,
+        log_file: Option<PathBuf>,
     ) -> anyhow::Result<NodeProcess> {
         let exe = std::env::current_exe().context("finding the privcomm binary")?;
         let unlimited = "1000000/1s";
@@ -124,8 +128,16 @@ impl NodeProcess {
         let log_tail = Arc::new(Mutex::new(VecDeque::new()));
         let (started, address) = std::sync::mpsc::channel();
         let tail = log_tail.clone();
+        let mut log_file = match log_file {
+            Some(path) => Some(std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?),
+            None => None,
+        };
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = &mut log_file {
+                    use std::io::Write as _;
+                    let _ = writeln!(file, "{line}");
+                }
                 let parsed: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                 if parsed["message"] == "privcomm serving" {
                     let _ = started.send(parsed["address"].as_str().unwrap_or_default().to_owned());
@@ -248,8 +260,19 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 async fn load(args: &LoadgenArgs, db_url: &str, stream: &str) -> anyhow::Result<()> {
     crate::migrate::migrate_up(db_url).await?;
     let mut nodes = Vec::new();
-    for _ in 0..args.nodes {
-        nodes.push(NodeProcess::spawn(db_url, &args.nats_url, stream, args.clients + 100, args.node_threads)?);
+    if let Some(dir) = &args.node_logs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for n in 0..args.nodes {
+        let log_file = args.node_logs.as_ref().map(|dir| dir.join(format!("node-{n}.log")));
+        nodes.push(NodeProcess::spawn(
+            db_url,
+            &args.nats_url,
+            stream,
+            args.clients + 100,
+            args.node_threads,
+            log_file,
+        )?);
     }
     let what = if args.idle {
         format!("holding them idle for {} s", args.seconds)

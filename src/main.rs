@@ -62,6 +62,11 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// mimalloc: under relay load glibc malloc took ~15 % of a node's CPU
+/// (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -1,7 +1,9 @@
 //! The event store on PostgreSQL (cluster mode).
 //!
 //! Ordering (ADR 0001): every append transaction first locks the single row of
-//! `event_log_head` with `SELECT … FOR UPDATE`. Positions are assigned from
+//! `event_log_head` with `SELECT … FOR UPDATE` (inside `privcomm_lock_head`,
+//! which also reads the streams' versions after the lock is held, in the same
+//! round trip — migration 0003). Positions are assigned from
 //! that row, so they are gap-free, and since the lock is held until commit,
 //! transactions commit in position order: a reader that has seen position P
 //! can never later find a position below P appear. Within one process the
@@ -134,11 +136,20 @@ impl BatchWriter for PostgresBatchWriter {
         recorded_at: Timestamp,
     ) -> Result<BatchPlan, StoreError> {
         let mut tx = self.pool.begin().await.map_err(sql_error)?;
-        let (position, hash): (i64, Vec<u8>) =
-            sqlx::query_as("SELECT position, hash FROM event_log_head WHERE singleton FOR UPDATE")
-                .fetch_one(&mut *tx)
+        let mut streams: Vec<&str> = requests.iter().map(|r| r.stream_id.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        // The head lock and the streams' versions in one round trip (migration 0003).
+        let rows: Vec<(i64, Vec<u8>, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT head_position, head_hash, stream_id, stream_version FROM privcomm_lock_head($1)")
+                .bind(&streams)
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(sql_error)?;
+        let (position, hash) = rows
+            .first()
+            .map(|(position, hash, _, _)| (*position, hash.clone()))
+            .ok_or_else(|| StoreError::Storage("privcomm_lock_head returned no row".into()))?;
         let head = ChainHead {
             position: Position(position as u64),
             hash: Hash::from_slice(&hash).ok_or_else(|| StoreError::Corrupt {
@@ -146,21 +157,9 @@ impl BatchWriter for PostgresBatchWriter {
                 reason: "head hash".into(),
             })?,
         };
-
-        let mut streams: Vec<&str> = requests.iter().map(|r| r.stream_id.as_str()).collect();
-        streams.sort_unstable();
-        streams.dedup();
-        // One index probe per stream (backward scan of the unique index).
-        let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
-            "SELECT s, (SELECT max(stream_version) FROM events WHERE stream_id = s) FROM unnest($1::text[]) AS s",
-        )
-        .bind(&streams)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sql_error)?;
         let mut versions = HashMap::with_capacity(rows.len());
-        for (stream, version) in rows {
-            if let (Ok(stream), Some(version)) = (StreamId::new(stream), version) {
+        for (_, _, stream, version) in rows {
+            if let (Some(Ok(stream)), Some(version)) = (stream.map(StreamId::new), version) {
                 versions.insert(stream, StreamVersion(version as u64));
             }
         }
