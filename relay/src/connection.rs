@@ -299,15 +299,16 @@ async fn send(
     if appended {
         state.hub.wake(to);
         if !state.hub.contains(to) && !state.roster.online_elsewhere(to) && !state.pusher.recently_pushed(to) {
-            let (users, pusher) = (state.users.clone(), state.pusher.clone());
-            tokio::spawn(async move {
-                // The current token, read fresh: it may have changed on another node.
-                match users.read(to, |u| u.registered.as_ref().and_then(|r| r.push.clone())).await {
-                    Ok(Some(target)) => pusher.mail(to, &target).await,
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "cannot read a push token"),
+            // The token as of this acceptance (read now, not later, so that a
+            // message accepted before a token existed never rings it).
+            match state.users.read(to, |u| u.registered.as_ref().and_then(|r| r.push.clone())).await {
+                Ok(Some(target)) => {
+                    let pusher = state.pusher.clone();
+                    tokio::spawn(async move { pusher.mail(to, &target).await });
                 }
-            });
+                Ok(None) => {}
+                Err(error) => tracing::warn!(error = %privcomm_api::error::chain(&error), "cannot read a push token"),
+            }
         }
     }
     Ok(Ok(Some(ServerFrame::Sent { id, server_ts: millis(accepted_at) })))
