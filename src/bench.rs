@@ -15,16 +15,24 @@ use std::sync::Arc;
 use std::time::Instant;
 use uuid::Uuid;
 
-/// Benchmark settings.
+/// The PostgreSQL server every benchmark and load run works on, in a
+/// scratch database of its own that it drops at the end.
 #[derive(Args, Debug, Clone)]
-pub struct BenchArgs {
-    /// A PostgreSQL URL whose role may create databases; the benchmark works in a database of its own and drops it.
+pub struct BenchPostgres {
+    /// A PostgreSQL URL whose role may create databases.
     #[arg(
         long,
         env = "PRIVCOMM_BENCH_POSTGRES_URL",
         default_value = "postgres://privcomm:privcomm@127.0.0.1:5432/postgres"
     )]
     pub postgres_url: String,
+}
+
+/// Benchmark settings.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub server: BenchPostgres,
     /// Events appended one per transaction by one writer.
     #[arg(long, default_value_t = 3_000)]
     pub single_events: usize,
@@ -64,13 +72,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.payload_bytes
     );
 
-    let admin = sqlx::PgPool::connect(&args.postgres_url)
+    let admin = sqlx::PgPool::connect(&args.server.postgres_url)
         .await
-        .with_context(|| format!("connecting to {}", args.postgres_url))?;
+        .with_context(|| format!("connecting to {}", args.server.postgres_url))?;
     let name = format!("privcomm_bench_{}", Uuid::now_v7().simple());
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await?;
-    let url =
-        format!("{}/{name}", args.postgres_url.rsplit_once('/').map_or(args.postgres_url.as_str(), |(base, _)| base));
+    let url = format!(
+        "{}/{name}",
+        args.server.postgres_url.rsplit_once('/').map_or(args.server.postgres_url.as_str(), |(base, _)| base)
+    );
     let outcome = postgres_section(&args, &url).await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await?;
     let (pg, pgbench_1, pgbench_n) = outcome?;

@@ -23,13 +23,8 @@ use std::time::{Duration, Instant};
 /// Benchmark settings.
 #[derive(Args, Debug, Clone)]
 pub struct BenchApiArgs {
-    /// A PostgreSQL URL whose role may create databases.
-    #[arg(
-        long,
-        env = "PRIVCOMM_BENCH_POSTGRES_URL",
-        default_value = "postgres://privcomm:privcomm@127.0.0.1:5432/postgres"
-    )]
-    pub postgres_url: String,
+    #[command(flatten)]
+    pub server: crate::bench::BenchPostgres,
     /// Registered users.
     #[arg(long, default_value_t = 1_000)]
     pub users: usize,
@@ -156,13 +151,15 @@ pub async fn run(args: BenchApiArgs) -> anyhow::Result<()> {
         args.prekeys,
         args.concurrency
     );
-    let admin = sqlx::PgPool::connect(&args.postgres_url)
+    let admin = sqlx::PgPool::connect(&args.server.postgres_url)
         .await
-        .with_context(|| format!("connecting to {}", args.postgres_url))?;
+        .with_context(|| format!("connecting to {}", args.server.postgres_url))?;
     let name = format!("privcomm_bench_{}", uuid::Uuid::now_v7().simple());
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await?;
-    let url =
-        format!("{}/{name}", args.postgres_url.rsplit_once('/').map_or(args.postgres_url.as_str(), |(base, _)| base));
+    let url = format!(
+        "{}/{name}",
+        args.server.postgres_url.rsplit_once('/').map_or(args.server.postgres_url.as_str(), |(base, _)| base)
+    );
     let outcome = measure(&args, &url).await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await?;
     outcome

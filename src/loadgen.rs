@@ -40,13 +40,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// Load-run settings.
 #[derive(Args, Debug, Clone)]
 pub struct LoadgenArgs {
-    /// A PostgreSQL URL whose role may create databases.
-    #[arg(
-        long,
-        env = "PRIVCOMM_BENCH_POSTGRES_URL",
-        default_value = "postgres://privcomm:privcomm@127.0.0.1:5432/postgres"
-    )]
-    pub postgres_url: String,
+    #[command(flatten)]
+    pub server: crate::bench::BenchPostgres,
     /// NATS server with JetStream.
     #[arg(long, env = "PRIVCOMM_BENCH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -247,7 +242,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     // Each client is a socket here and one on a node; nodes inherit the limit.
     // Some 40 more descriptors are the database, NATS, HTTP and the runtime's own.
     raise_open_file_limit(args.clients as u64 + 64)?;
-    let scratch = ScratchDatabase::create(&args.postgres_url).await?;
+    let scratch = ScratchDatabase::create(&args.server.postgres_url).await?;
     let stream = format!("PRIVCOMM_LOADGEN_{}", uuid::Uuid::now_v7().simple());
     let outcome = load(&args, &scratch.url, &stream).await;
     if let Ok(client) = async_nats::connect(&args.nats_url).await {

@@ -175,6 +175,37 @@ impl<A: Aggregate> Directory<A> {
         decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
         respond: impl FnOnce(&A::State, &[DomainEvent], Option<Timestamp>) -> R,
     ) -> Result<R, ApiError> {
+        self.decide_and_write(id, decide, Write::Versioned::<fn(&DomainEvent) -> Option<EventId>>, respond).await
+    }
+
+    /// Decides and appends without a stream-version check, for decisions
+    /// that stay right whatever else the stream gains meanwhile, made
+    /// idempotent by `event_id`: a deterministic id per event, so that the
+    /// same fact decided twice (here and on another node) is refused by the
+    /// store as a reused id. On that refusal it catches up and decides again.
+    /// Refusals and "nothing to do" are confirmed on the caught-up state, as
+    /// in [`Directory::decide_and_append`]; `respond` sees the state with the
+    /// appended events applied.
+    pub async fn append_idempotent<R>(
+        &self,
+        id: A::Id,
+        decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
+        event_id: impl Fn(&DomainEvent) -> Option<EventId>,
+        respond: impl FnOnce(&A::State, &[DomainEvent], Option<Timestamp>) -> R,
+    ) -> Result<R, ApiError> {
+        self.decide_and_write(id, decide, Write::Idempotent(event_id), respond).await
+    }
+
+    /// The loop behind both: decide on the cached state, confirm refusals and
+    /// no-ops on the caught-up state, append, and on the store's "someone was
+    /// first" (a version conflict, or a reused derived id) catch up and decide again.
+    async fn decide_and_write<R, F: Fn(&DomainEvent) -> Option<EventId>>(
+        &self,
+        id: A::Id,
+        decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
+        write: Write<F>,
+        respond: impl FnOnce(&A::State, &[DomainEvent], Option<Timestamp>) -> R,
+    ) -> Result<R, ApiError> {
         let entry = self.entry(id);
         let mut folded = entry.lock().await;
         let mut caught_up = false;
@@ -197,29 +228,47 @@ impl<A: Aggregate> Directory<A> {
             if events.is_empty() {
                 return Ok(respond(&folded.state, &events, None));
             }
+            let expected = match (&write, folded.version) {
+                (Write::Idempotent(_), _) => ExpectedVersion::Any,
+                (Write::Versioned, StreamVersion(0)) => ExpectedVersion::NoStream,
+                (Write::Versioned, version) => ExpectedVersion::Exact(version),
+            };
             let new_events = events
                 .iter()
-                .map(|event| event.to_new_event(EventId(Uuid::now_v7())))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(ApiError::internal)?;
-            let expected = match folded.version {
-                StreamVersion(0) => ExpectedVersion::NoStream,
-                version => ExpectedVersion::Exact(version),
-            };
+                .map(|event| {
+                    let event_id = match &write {
+                        Write::Versioned => EventId(Uuid::now_v7()),
+                        Write::Idempotent(derive) => derive(event).ok_or_else(|| {
+                            ApiError::internal(StoreError::InvalidAppend(
+                                "an idempotent append needs derived event ids",
+                            ))
+                        })?,
+                    };
+                    event.to_new_event(event_id).map_err(ApiError::internal)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let request = AppendRequest { stream_id: A::stream(id), expected, events: new_events };
             match self.store.append(request).await {
                 Ok(outcome) => {
                     self.metrics.events_appended(events.len());
-                    let response = respond(&folded.state, &events, Some(outcome.recorded_at));
-                    let first = outcome.stream_version.0 + 1 - events.len() as u64;
-                    for (offset, event) in events.iter().enumerate() {
-                        A::evolve(&mut folded.state, StreamVersion(first + offset as u64), outcome.recorded_at, event);
+                    let at = Some(outcome.recorded_at);
+                    if let Write::Versioned = write {
+                        // A versioned append answers on the state it was decided on.
+                        let response = respond(&folded.state, &events, at);
+                        self.apply_appended(id, &mut folded, &events, &outcome).await?;
+                        return Ok(response);
                     }
-                    folded.version = outcome.stream_version;
-                    return Ok(response);
+                    self.apply_appended(id, &mut folded, &events, &outcome).await?;
+                    return Ok(respond(&folded.state, &events, at));
                 }
-                Err(StoreError::Conflict { .. }) => {
-                    // Another node wrote first: catch up, decide again.
+                // Another node (or an earlier try) wrote first: catch up, decide again.
+                Err(error)
+                    if matches!(
+                        (&write, &error),
+                        (Write::Versioned, StoreError::Conflict { .. })
+                            | (Write::Idempotent(_), StoreError::DuplicateEventId)
+                    ) =>
+                {
                     self.catch_up(id, &mut folded).await?;
                     caught_up = true;
                 }
@@ -231,83 +280,34 @@ impl<A: Aggregate> Directory<A> {
 }
 
 impl<A: Aggregate> Directory<A> {
-    /// Decides and appends without a stream-version check, for decisions
-    /// that stay right whatever else the stream gains meanwhile, made
-    /// idempotent by `event_id`: a deterministic id per event, so that the
-    /// same fact decided twice (here and on another node) is refused by the
-    /// store as a reused id. On that refusal it catches up and decides again.
-    /// Refusals and "nothing to do" are confirmed on the caught-up state, as
-    /// in [`Directory::decide_and_append`]; `respond` sees the state with the
-    /// appended events applied.
-    pub async fn append_idempotent<R>(
+    /// Brings the cached state past our own append: applied directly when it
+    /// follows the cached version, else (others appended in between, which
+    /// only an append without a version check allows) read back in order.
+    async fn apply_appended(
         &self,
         id: A::Id,
-        decide: impl Fn(&A::State) -> Result<Vec<DomainEvent>, ApiError>,
-        event_id: impl Fn(&DomainEvent) -> Option<EventId>,
-        respond: impl FnOnce(&A::State, &[DomainEvent], Option<Timestamp>) -> R,
-    ) -> Result<R, ApiError> {
-        let entry = self.entry(id);
-        let mut folded = entry.lock().await;
-        let mut caught_up = false;
-        for _ in 0..MAX_ATTEMPTS {
-            if !folded.loaded {
-                self.catch_up(id, &mut folded).await?;
-                caught_up = true;
-            }
-            let decided = decide(&folded.state);
-            if !caught_up && decided.as_ref().map_or(true, Vec::is_empty) {
-                let before = folded.version;
-                self.catch_up(id, &mut folded).await?;
-                caught_up = true;
-                if folded.version != before {
-                    continue;
-                }
-            }
-            let events = decided?;
-            if events.is_empty() {
-                return Ok(respond(&folded.state, &events, None));
-            }
-            let new_events = events
-                .iter()
-                .map(|event| {
-                    let id = event_id(event).ok_or_else(|| {
-                        ApiError::internal(StoreError::InvalidAppend("an idempotent append needs derived event ids"))
-                    })?;
-                    event.to_new_event(id).map_err(ApiError::internal)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let request =
-                AppendRequest { stream_id: A::stream(id), expected: ExpectedVersion::Any, events: new_events };
-            match self.store.append(request).await {
-                Ok(outcome) => {
-                    self.metrics.events_appended(events.len());
-                    let first = outcome.stream_version.0 + 1 - events.len() as u64;
-                    if first == folded.version.0 + 1 {
-                        for (offset, event) in events.iter().enumerate() {
-                            A::evolve(
-                                &mut folded.state,
-                                StreamVersion(first + offset as u64),
-                                outcome.recorded_at,
-                                event,
-                            );
-                        }
-                        folded.version = outcome.stream_version;
-                    } else {
-                        // Others appended in between: read them, and ours, in order.
-                        self.catch_up(id, &mut folded).await?;
-                    }
-                    return Ok(respond(&folded.state, &events, Some(outcome.recorded_at)));
-                }
-                Err(StoreError::DuplicateEventId) => {
-                    // Already decided and stored (elsewhere, or by an earlier try): decide again on it.
-                    self.catch_up(id, &mut folded).await?;
-                    caught_up = true;
-                }
-                Err(error) => return Err(error.into()),
-            }
+        folded: &mut Folded<A::State>,
+        events: &[DomainEvent],
+        outcome: &privcomm_domain::AppendOutcome,
+    ) -> Result<(), ApiError> {
+        let first = outcome.stream_version.0 + 1 - events.len() as u64;
+        if first != folded.version.0 + 1 {
+            return self.catch_up(id, folded).await;
         }
-        Err(ApiError::internal(StoreError::Storage("stream too contended; gave up after retries".into())))
+        for (offset, event) in events.iter().enumerate() {
+            A::evolve(&mut folded.state, StreamVersion(first + offset as u64), outcome.recorded_at, event);
+        }
+        folded.version = outcome.stream_version;
+        Ok(())
     }
+}
+
+/// How [`Directory::decide_and_write`] appends.
+enum Write<F> {
+    /// At the version decided on; a conflict means decide again.
+    Versioned,
+    /// Without a version check, with these derived event ids; a reused id means decide again.
+    Idempotent(F),
 }
 
 impl Directory<Users> {

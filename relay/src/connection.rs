@@ -210,6 +210,22 @@ fn mailbox_error(error: MailboxError, reference: MessageId) -> FrameError {
     FrameError { code, message: error.to_string(), reference: Some(reference.0.to_string()) }
 }
 
+/// A mailbox decision as the events to append (none when already done); a
+/// refusal is a field error named `field`, which the caller turns into an
+/// error frame.
+fn mailbox_events(
+    mailbox: &mailbox::MailboxState,
+    recipient: UserId,
+    command: &MailboxCommand,
+    field: &'static str,
+) -> Result<Vec<privcomm_domain::events::DomainEvent>, ApiError> {
+    match mailbox::decide(mailbox, recipient, command) {
+        Ok(MailboxDecision::Append(events)) => Ok(events),
+        Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
+        Err(error) => Err(ApiError::field(field, error.to_string())),
+    }
+}
+
 /// Handles one text frame; `Ok(Err(_))` is an error frame for the client,
 /// `Err(_)` a failure of ours.
 async fn handle_text(
@@ -228,16 +244,7 @@ async fn handle_text(
             let command = MailboxCommand::Acknowledge { message_id: id };
             let outcome = state
                 .mailboxes
-                .append_idempotent(
-                    user,
-                    |m| match mailbox::decide(m, user, &command) {
-                        Ok(MailboxDecision::Append(events)) => Ok(events),
-                        Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
-                        Err(error) => Err(ApiError::field("ack", error.to_string())),
-                    },
-                    mailbox::event_id,
-                    |_, _, _| (),
-                )
+                .append_idempotent(user, |m| mailbox_events(m, user, &command, "ack"), mailbox::event_id, |_, _, _| ())
                 .await;
             match outcome {
                 Ok(()) => {
@@ -275,11 +282,7 @@ async fn send(
         .mailboxes
         .append_idempotent(
             to,
-            |m| match mailbox::decide(m, to, &command) {
-                Ok(MailboxDecision::Append(events)) => Ok(events),
-                Ok(MailboxDecision::AlreadyDone(_)) => Ok(Vec::new()),
-                Err(error) => Err(ApiError::field("send", error.to_string())),
-            },
+            |m| mailbox_events(m, to, &command, "send"),
             mailbox::event_id,
             // Durable once appended: answer with the acceptance time, which a
             // retry finds in the state it was decided on.
