@@ -186,6 +186,7 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         &config,
         privcomm_relay::RelaySettings::default(),
         connections_stop,
+        &[],
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -80,6 +80,39 @@ pub struct ServeConfig {
     /// User aggregates kept folded in memory by the API.
     #[arg(long, env = "USER_CACHE_SIZE", default_value_t = 2_000)]
     pub user_cache_size: usize,
+    /// Daily time (UTC, HH:MM) of the job that expires messages undelivered for 30 days.
+    #[arg(long, env = "RETENTION_EXPIRE_AT", default_value = "02:00")]
+    pub retention_expire_at: privcomm_projections::retention::DailyAt,
+    /// Daily time (UTC, HH:MM) of the job that compacts prekeys used more than 7 days ago.
+    #[arg(long, env = "RETENTION_COMPACT_AT", default_value = "03:00")]
+    pub retention_compact_at: privcomm_projections::retention::DailyAt,
+    /// How long a delivered (or expired) message's ciphertext is kept before it is dropped.
+    #[arg(long, env = "CIPHERTEXT_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub ciphertext_grace: Duration,
+    /// Ed25519 seed (64 hex digits) for signing checkpoints of the log; unset = no checkpoints.
+    #[arg(long, env = "CHECKPOINT_SIGNING_KEY", hide_env_values = true)]
+    pub checkpoint_signing_key: Option<String>,
+    /// Sign a checkpoint at least every this many events…
+    #[arg(long, env = "CHECKPOINT_EVERY_EVENTS", default_value_t = 10_000)]
+    pub checkpoint_every_events: u64,
+    /// …and at least this often while events arrive.
+    #[arg(long, env = "CHECKPOINT_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+}
+
+/// A duration such as `500ms`, `30s`, `15m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let usage = || format!("{text:?}: expected a duration such as 500ms, 30s, 15m or 1h");
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let number: u64 = number.parse().map_err(|_| usage())?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => return Err(usage()),
+    })
 }
 
 /// `COUNT/WINDOW`, e.g. `10/1h`, `5/1m`, `3/500ms`.
@@ -87,16 +120,7 @@ pub fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
     let usage = || format!("{text:?}: expected COUNT/WINDOW such as 10/1h, 5/1m, 30/10s or 3/500ms");
     let (count, window) = text.split_once('/').ok_or_else(usage)?;
     let requests: u32 = count.trim().parse().map_err(|_| usage())?;
-    let window = window.trim();
-    let (number, unit) = window.split_at(window.find(|c: char| !c.is_ascii_digit()).unwrap_or(window.len()));
-    let number: u64 = number.parse().map_err(|_| usage())?;
-    let per = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number * 60),
-        "h" => Duration::from_secs(number * 3600),
-        _ => return Err(usage()),
-    };
+    let per = parse_duration(window).map_err(|_| usage())?;
     if requests == 0 || per.is_zero() {
         return Err(format!("{text:?}: count and window must be positive"));
     }
@@ -135,6 +159,9 @@ pub enum ConfigError {
         "CORS_ORIGINS allows {0}, a localhost origin; list only your production origins with ENVIRONMENT=production"
     )]
     LocalhostCorsOrigin(String),
+    /// A checkpoint key that is not a 32-byte hex seed.
+    #[error("CHECKPOINT_SIGNING_KEY must be 64 hex digits (an Ed25519 seed; `privcomm checkpoint-key` makes one)")]
+    InvalidCheckpointKey,
     /// An origin that is not `scheme://host[:port]`.
     #[error("CORS_ORIGINS entry {0:?} is not an origin like https://app.example.org")]
     InvalidCorsOrigin(String),
@@ -166,6 +193,10 @@ impl ServeConfig {
                 return Err(ConfigError::InvalidCorsOrigin(origin.clone()));
             }
         }
+        if let Some(key) = &self.checkpoint_signing_key {
+            privcomm_projections::checkpoints::CheckpointSigner::from_hex_seed(key)
+                .map_err(|_| ConfigError::InvalidCheckpointKey)?;
+        }
         if self.environment == Environment::Production {
             if self.secret_key == DEVELOPMENT_SECRET_KEY {
                 return Err(ConfigError::DefaultSecretKey);
@@ -181,6 +212,13 @@ impl ServeConfig {
             }
         }
         Ok(backend)
+    }
+
+    /// The checkpoint signer, if a key is configured (validated by [`ServeConfig::validate`]).
+    pub fn checkpoint_signer(&self) -> Option<privcomm_projections::checkpoints::CheckpointSigner> {
+        self.checkpoint_signing_key
+            .as_deref()
+            .and_then(|key| privcomm_projections::checkpoints::CheckpointSigner::from_hex_seed(key).ok())
     }
 
     /// The API's settings.

@@ -16,6 +16,7 @@
 //! The domain, API, relay and projection crates know only the traits; this
 //! crate chooses implementations and wires them together.
 
+pub mod audit;
 pub mod bench;
 pub mod bench_api;
 pub mod bus;
@@ -23,8 +24,10 @@ pub mod clock;
 pub mod config;
 pub mod eventstore;
 pub mod keygen;
+pub mod leader;
 pub mod loadgen;
 pub mod migrate;
 pub mod outbox;
 pub mod plot;
+pub mod projector;
 pub mod serve;

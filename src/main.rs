@@ -27,6 +27,18 @@ enum Command {
     BenchApi(privcomm::bench_api::BenchApiArgs),
     /// Relay load run: nodes, clients, open-loop messages (see docs/BENCHMARKS.md).
     Loadgen(privcomm::loadgen::LoadgenArgs),
+    /// Rebuild every read model from the log, verify the chain, compare with the live models.
+    Replay(privcomm::audit::ReplayArgs),
+    /// Write the event log as NDJSON for auditors.
+    Export(privcomm::audit::ExportArgs),
+    /// Auditors' checks: identity history, offline verification of an export.
+    #[command(subcommand)]
+    Audit(privcomm::audit::AuditCommand),
+    /// Retention jobs (expiry, compaction).
+    #[command(subcommand)]
+    Retention(privcomm::audit::RetentionCommand),
+    /// Print a new checkpoint signing key (CHECKPOINT_SIGNING_KEY) and its public key.
+    CheckpointKey,
 }
 
 fn init_logging(format: LogFormat) {
@@ -94,6 +106,23 @@ async fn main() -> std::process::ExitCode {
             init_logging_with(LogFormat::Text, "warn");
             privcomm::loadgen::run(args).await
         }
+        Command::Replay(args) => {
+            init_logging_with(LogFormat::Text, "warn");
+            privcomm::audit::replay(args).await
+        }
+        Command::Export(args) => {
+            init_logging_with(LogFormat::Text, "warn");
+            privcomm::audit::export(args).await
+        }
+        Command::Audit(command) => {
+            init_logging_with(LogFormat::Text, "warn");
+            privcomm::audit::audit(command).await
+        }
+        Command::Retention(command) => {
+            init_logging(LogFormat::Text);
+            privcomm::audit::retention(command).await
+        }
+        Command::CheckpointKey => privcomm::audit::checkpoint_key(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -142,51 +142,9 @@ pub async fn publish_while_leader(
     bus: Arc<dyn EventBus>,
     shutdown: impl Future<Output = ()>,
 ) {
-    use sqlx::Connection as _;
-    tokio::pin!(shutdown);
-    let mut standing_by = false;
-    loop {
-        let leading = async {
-            let mut connection = sqlx::PgConnection::connect(&database_url).await?;
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
-                .fetch_one(&mut connection)
-                .await?;
-            if !locked {
-                return Ok::<_, sqlx::Error>(false);
-            }
-            tracing::info!("this node publishes the outbox");
-            let publisher = OutboxPublisher::new(store.clone(), bus.clone()).run(std::future::pending());
-            // The lock lives as long as its connection: watch it.
-            let watch = async {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    if let Err(error) = sqlx::query("SELECT 1").execute(&mut connection).await {
-                        return error;
-                    }
-                }
-            };
-            tokio::select! {
-                () = publisher => {}
-                error = watch => tracing::warn!(%error, "lost the outbox lock's connection; standing by"),
-            }
-            Ok(true)
-        };
-        tokio::select! {
-            () = &mut shutdown => return,
-            outcome = leading => match outcome {
-                Ok(true) => standing_by = false,
-                Ok(false) if !standing_by => {
-                    standing_by = true;
-                    tracing::info!("another node publishes the outbox; standing by");
-                }
-                Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "cannot take the outbox lock; retrying in 1 s"),
-            }
-        }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    let work = move || {
+        let publisher = OutboxPublisher::new(store.clone(), bus.clone());
+        Box::pin(publisher.run(std::future::pending())) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+    };
+    crate::leader::while_leader(database_url, LEADER_LOCK, "the outbox", work, shutdown).await;
 }

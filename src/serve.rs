@@ -31,6 +31,9 @@ use tokio::sync::watch;
 pub struct OpenedStore {
     /// The store.
     pub store: Arc<dyn LogStore>,
+    /// Where the read models live: the same database (SQLite: through the
+    /// store's writer connection; PostgreSQL: a pool of their own).
+    pub read_db: privcomm_projections::store::ReadDb,
     _file_lock: Option<File>,
 }
 
@@ -49,8 +52,9 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
             let (readers, writer) = crate::eventstore::sqlite::connect_pools(&config.database_url)
                 .await
                 .with_context(|| format!("opening SQLite database {}", config.database_url))?;
-            let store = Arc::new(SqliteEventStore::open(readers, writer, clock).await?);
-            Ok(OpenedStore { store, _file_lock: Some(file_lock) })
+            let store = SqliteEventStore::open(readers, writer, clock).await?;
+            let read_db = privcomm_projections::store::ReadDb::Sqlite(store.writer().clone());
+            Ok(OpenedStore { store: Arc::new(store), read_db, _file_lock: Some(file_lock) })
         }
         Backend::Postgres => {
             let size = PoolSize { min: config.db_pool_min_size, max: config.db_pool_max_size };
@@ -67,7 +71,8 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
                 );
             }
             let store = Arc::new(PostgresEventStore::open(pool, clock).await?);
-            Ok(OpenedStore { store, _file_lock: None })
+            let read_db = crate::projector::open_read_db(&config.database_url).await?;
+            Ok(OpenedStore { store, read_db, _file_lock: None })
         }
     }
 }
@@ -111,19 +116,24 @@ pub struct Links {
     pub presence: Option<Arc<dyn Presence>>,
     /// "You have mail" requests for a push gateway.
     pub push: Arc<dyn PushSink>,
+    /// The projection workers' feed (durable consumers on NATS).
+    pub feed: Arc<dyn privcomm_projections::worker::Feed>,
 }
 
 impl Links {
     /// Embedded mode: the in-process bus over `store`, no presence, the given push feed.
     pub fn embedded(store: Arc<dyn LogStore>, push: Arc<InProcessPush>) -> Links {
-        Links { bus: Arc::new(InProcessBus::new(store)), presence: None, push }
+        let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new(store));
+        let feed = Arc::new(privcomm_projections::worker::BusFeed(bus.clone()));
+        Links { bus, presence: None, push, feed }
     }
 
     /// Cluster mode: JetStream, presence and push subjects on one NATS connection.
     pub fn nats(bus: Arc<NatsBus>) -> Links {
         let presence: Arc<dyn Presence> = Arc::new(NatsPresence::new(&bus));
         let push: Arc<dyn PushSink> = Arc::new(NatsPush::new(&bus));
-        Links { bus, presence: Some(presence), push }
+        let feed = Arc::new(crate::bus::nats::NatsFeed::new(bus.clone()));
+        Links { bus, presence: Some(presence), push, feed }
     }
 }
 
@@ -157,9 +167,13 @@ pub fn build_app(
     api_config: &privcomm_api::ApiConfig,
     relay_settings: RelaySettings,
     stop_connections: watch::Receiver<bool>,
+    metric_sources: &[Arc<dyn privcomm_api::metrics::MetricsSource>],
 ) -> axum::Router {
-    let Links { bus, presence, push } = links;
+    let Links { bus, presence, push, feed: _ } = links;
     let state = AppState::new(store.clone(), bus.clone(), store.clone(), clock.clone(), api_config);
+    for source in metric_sources {
+        state.metrics.add_source(source.clone());
+    }
     let hub = Arc::new(Hub::default());
     let roster = Arc::new(Roster::new(uuid::Uuid::now_v7(), relay_settings.presence.lease));
     tokio::spawn(privcomm_relay::presence::ring_doorbells(bus, hub.clone(), stop_connections.clone()));
@@ -187,6 +201,9 @@ pub fn build_app(
     privcomm_api::router(state, api_config).merge(privcomm_relay::router(relay))
 }
 
+/// The advisory lock of the projection workers (the outbox's, plus one).
+pub const PROJECTOR_LOCK: i64 = crate::outbox::LEADER_LOCK + 1;
+
 /// Runs every role on an already-bound listener until `shutdown` resolves.
 pub async fn run(
     config: ServeConfig,
@@ -202,8 +219,9 @@ pub async fn run(
     let links = open_links(&config, store.clone()).await?;
     let bus = links.bus.clone();
     let (stop, stopped) = watch::channel(false);
+    let stop_signal = stopped.clone();
     let wait_stop = move || {
-        let mut stopped = stopped.clone();
+        let mut stopped = stop_signal.clone();
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         }
@@ -219,10 +237,51 @@ pub async fn run(
         _ => tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(wait_stop())),
     };
 
+    let read_db = opened.read_db.clone();
+    let policy = privcomm_projections::retention::RetentionPolicy {
+        ciphertext_grace: config.ciphertext_grace,
+        ..Default::default()
+    };
+    let schedule = privcomm_projections::retention::RetentionSchedule::new(
+        config.retention_expire_at,
+        config.retention_compact_at,
+        config.ciphertext_grace,
+    );
+    let projector = crate::projector::ProjectorSetup::new(
+        read_db.clone(),
+        links.feed.clone(),
+        store.clone(),
+        Arc::new(SystemClock),
+    )
+    .with_retention(read_db, policy, schedule);
+    let projection_metrics = projector.metrics.clone();
+    let projection = match Backend::of_url(&config.database_url) {
+        // One projector per cluster, like the outbox.
+        Some(Backend::Postgres) => {
+            let stop = stopped.clone();
+            let work = move || Box::pin(projector.clone().run(stop.clone())) as crate::leader::LeaderWork;
+            tokio::spawn(crate::leader::while_leader(
+                config.database_url.clone(),
+                PROJECTOR_LOCK,
+                "the projection workers",
+                work,
+                wait_stop(),
+            ))
+        }
+        _ => tokio::spawn(projector.run(stopped.clone())),
+    };
+
     let api_config = config.api_config();
     let (stop_connections, connections_stop) = watch::channel(false);
-    let app =
-        build_app(store.clone(), links, Arc::new(SystemClock), &api_config, RelaySettings::default(), connections_stop);
+    let app = build_app(
+        store.clone(),
+        links,
+        Arc::new(SystemClock),
+        &api_config,
+        RelaySettings::default(),
+        connections_stop,
+        &[projection_metrics],
+    );
     let address = listener.local_addr().context("reading the listen address")?;
     tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -235,6 +294,7 @@ pub async fn run(
         .await
         .context("serving HTTP")?;
     let _ = outbox.await;
+    let _ = projection.await;
     drop(opened);
     tracing::info!("privcomm stopped");
     Ok(())

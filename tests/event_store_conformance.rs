@@ -364,6 +364,14 @@ async fn compaction_drops_payloads_and_the_chain_still_verifies(f: Arc<Fixture>)
     let report = f.store.verify(Position(1), None).await?;
     assert_eq!((report.checked, report.first_break), (5, None));
     assert!(matches!(f.store.drop_payload(Position(99)).await, Err(StoreError::NotFound(Position(99)))));
+    // Many at once: only payloads still there count; unknown positions are skipped.
+    let dropped = f.store.drop_payloads(&[Position(1), Position(2), Position(5), Position(99)]).await?;
+    assert_eq!(dropped, 2, "positions 1 and 5 still had payloads");
+    let after = f.store.read_all(Position(0), 10).await?;
+    assert_eq!(after.iter().filter(|e| e.payload.is_none()).count(), 4);
+    assert_eq!(after[2].payload, before[2].payload, "position 3 is untouched");
+    let report = f.store.verify(Position(1), None).await?;
+    assert_eq!((report.checked, report.first_break), (5, None));
     Ok(())
 }
 

@@ -232,7 +232,7 @@ fn logged(server: &Server, text: &str, within: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_node_publishes_the_outbox_and_another_takes_over_when_it_dies() -> TestResult {
-    const LEADS: &str = "this node publishes the outbox";
+    const LEADS: &str = "this node runs the outbox";
     let mut cluster = Cluster::start().await?;
     let (a_leads, b_leads) =
         (logged(&cluster.a, LEADS, Duration::from_secs(10)), logged(&cluster.b, LEADS, Duration::from_secs(1)));

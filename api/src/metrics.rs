@@ -21,15 +21,28 @@ struct RouteStats {
     buckets: [u64; BUCKETS.len()],
 }
 
+/// Another part of the process that has figures for `/metrics` (the
+/// projection workers' lag, for one).
+pub trait MetricsSource: Send + Sync + 'static {
+    /// Appends its exposition text.
+    fn render(&self, out: &mut String);
+}
+
 /// Counters shared by the whole API.
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), RouteStats>>,
     events_appended: AtomicU64,
     rate_limited: Mutex<BTreeMap<&'static str, u64>>,
+    sources: Mutex<Vec<Arc<dyn MetricsSource>>>,
 }
 
 impl Metrics {
+    /// Adds figures from elsewhere in the process to `/metrics`.
+    pub fn add_source(&self, source: Arc<dyn MetricsSource>) {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner()).push(source);
+    }
+
     /// Counts appended events.
     pub fn events_appended(&self, n: usize) {
         self.events_appended.fetch_add(n as u64, Ordering::Relaxed);
@@ -90,6 +103,9 @@ impl Metrics {
         for limit in ["registration", "key_bundle", "token_issue"] {
             let count = self.rate_limited.lock().unwrap_or_else(|p| p.into_inner()).get(limit).copied().unwrap_or(0);
             let _ = writeln!(out, "privcomm_rate_limited_total{{limit=\"{limit}\"}} {count}");
+        }
+        for source in self.sources.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            source.render(&mut out);
         }
         out
     }

@@ -48,6 +48,9 @@ pub trait Aggregate: Send + Sync + 'static {
     fn stream(id: Self::Id) -> StreamId;
     /// Applies one event recorded at `version` and time `recorded_at`.
     fn evolve(state: &mut Self::State, version: StreamVersion, recorded_at: Timestamp, event: &DomainEvent);
+    /// Applies an event whose payload retention dropped (only types it may
+    /// drop reach here): by default there is nothing left to apply.
+    fn evolve_compacted(_state: &mut Self::State, _recorded: &privcomm_domain::RecordedEvent) {}
 }
 
 /// The user aggregate (`user-<id>`).
@@ -121,8 +124,10 @@ impl<A: Aggregate> Directory<A> {
         loop {
             let page = self.store.read_stream(&stream, folded.version, PAGE).await?;
             for recorded in &page {
-                let event = DomainEvent::from_recorded(recorded).map_err(ApiError::internal)?;
-                A::evolve(&mut folded.state, recorded.stream_version, recorded.recorded_at, &event);
+                match DomainEvent::for_fold(recorded).map_err(ApiError::internal)? {
+                    Some(event) => A::evolve(&mut folded.state, recorded.stream_version, recorded.recorded_at, &event),
+                    None => A::evolve_compacted(&mut folded.state, recorded),
+                }
                 folded.version = recorded.stream_version;
             }
             if page.len() < PAGE {

@@ -170,13 +170,33 @@ pub enum DomainEvent {
         /// The platform's token.
         token: String,
     },
-    /// A compaction run dropped payloads up to a position.
-    EventsCompacted {
-        /// Payloads at or before this position were considered.
-        up_to: Position,
-        /// How many payloads were dropped.
-        dropped_payloads: u64,
+    /// The unused prekeys of a user as they stand, recorded so that the
+    /// payloads of older uploads (which hold keys since used) can be dropped:
+    /// folding replaces both pools with these.
+    PreKeysCompacted {
+        /// Unused one-time EC prekeys.
+        one_time_prekeys: Vec<OneTimePreKey>,
+        /// Unused one-time Kyber prekeys.
+        kyber_prekeys: Vec<KyberPreKey>,
     },
+    /// A retention run is about to drop the payloads at these positions
+    /// (recorded first, so every payload-less event is accounted for).
+    EventsCompacted {
+        /// Positions whose payloads are dropped, ascending.
+        positions: Vec<Position>,
+    },
+}
+
+/// Event types whose payload retention may drop: delivered or expired
+/// messages' ciphertext, and prekey uploads (or an earlier
+/// `PreKeysCompacted`) that a later `PreKeysCompacted` supersedes. Every other payload is kept for ever, and
+/// an auditor treats a missing one as tampering.
+pub const COMPACTABLE_EVENT_TYPES: [&str; 4] =
+    ["MessageAccepted", "OneTimePreKeysUploaded", "KyberPreKeysUploaded", "PreKeysCompacted"];
+
+/// Whether retention may drop the payload of events of this type.
+pub fn payload_may_be_compacted(event_type: &str) -> bool {
+    COMPACTABLE_EVENT_TYPES.contains(&event_type)
 }
 
 // The stored JSON bodies, one per event type. Kept separate from the enum so
@@ -244,9 +264,14 @@ mod body {
     }
     #[derive(Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
+    pub struct PreKeysCompacted {
+        pub one_time_prekeys: Vec<OneTimePreKey>,
+        pub kyber_prekeys: Vec<KyberPreKey>,
+    }
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct EventsCompacted {
-        pub up_to: Position,
-        pub dropped_payloads: u64,
+        pub positions: Vec<Position>,
     }
 }
 
@@ -289,6 +314,7 @@ impl DomainEvent {
             DomainEvent::MessageDelivered { .. } => "MessageDelivered",
             DomainEvent::MessageExpired { .. } => "MessageExpired",
             DomainEvent::PushTokenRegistered { .. } => "PushTokenRegistered",
+            DomainEvent::PreKeysCompacted { .. } => "PreKeysCompacted",
             DomainEvent::EventsCompacted { .. } => "EventsCompacted",
         }
     }
@@ -326,9 +352,10 @@ impl DomainEvent {
             DomainEvent::PushTokenRegistered { user_id, platform, token } => {
                 serde_json::to_vec(&PushTokenRegistered { user_id, platform, token })
             }
-            DomainEvent::EventsCompacted { up_to, dropped_payloads } => {
-                serde_json::to_vec(&EventsCompacted { up_to, dropped_payloads })
+            DomainEvent::PreKeysCompacted { one_time_prekeys, kyber_prekeys } => {
+                serde_json::to_vec(&PreKeysCompacted { one_time_prekeys, kyber_prekeys })
             }
+            DomainEvent::EventsCompacted { positions } => serde_json::to_vec(&EventsCompacted { positions }),
         };
         Ok(NewEvent {
             event_id,
@@ -336,6 +363,16 @@ impl DomainEvent {
             schema_version: self.schema_version(),
             payload: json?,
         })
+    }
+
+    /// Decodes a stored event for folding: `None` when retention dropped a
+    /// payload it was allowed to drop (the fold then goes without it — see
+    /// [`COMPACTABLE_EVENT_TYPES`]); an error for any other missing payload.
+    pub fn for_fold(event: &RecordedEvent) -> Result<Option<DomainEvent>, DecodeError> {
+        if event.payload.is_none() && payload_may_be_compacted(&event.event_type) {
+            return Ok(None);
+        }
+        DomainEvent::from_recorded(event).map(Some)
     }
 
     /// Decodes a stored event.
@@ -400,10 +437,11 @@ impl DomainEvent {
                 let b = parse!(PushTokenRegistered);
                 DomainEvent::PushTokenRegistered { user_id: b.user_id, platform: b.platform, token: b.token }
             }
-            ("EventsCompacted", 1) => {
-                let b = parse!(EventsCompacted);
-                DomainEvent::EventsCompacted { up_to: b.up_to, dropped_payloads: b.dropped_payloads }
+            ("PreKeysCompacted", 1) => {
+                let b = parse!(PreKeysCompacted);
+                DomainEvent::PreKeysCompacted { one_time_prekeys: b.one_time_prekeys, kyber_prekeys: b.kyber_prekeys }
             }
+            ("EventsCompacted", 1) => DomainEvent::EventsCompacted { positions: parse!(EventsCompacted).positions },
             (other, version) => {
                 return Err(DecodeError::UnknownType { event_type: other.to_owned(), schema_version: version });
             }

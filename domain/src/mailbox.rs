@@ -91,6 +91,11 @@ pub enum MailboxCommand {
         /// The message.
         message_id: MessageId,
     },
+    /// Retention gave up on the message: it was not delivered in time.
+    Expire {
+        /// The message.
+        message_id: MessageId,
+    },
 }
 
 /// Where an accepted message sits in its mailbox.
@@ -115,6 +120,8 @@ pub struct MailboxState {
     pub accepted: HashMap<(UserId, MessageId), Acceptance>,
     /// Where each message id sits, for acks (an ack names only the id).
     by_id: HashMap<MessageId, (UserId, StreamVersion)>,
+    /// Acceptances whose payload retention dropped (settled messages), by event id.
+    compacted: HashMap<EventId, Acceptance>,
     /// The stream version folded so far.
     pub version: StreamVersion,
 }
@@ -144,6 +151,19 @@ pub fn decide(
             if let Some(acceptance) = state.accepted.get(&(*sender, *message_id)) {
                 return Ok(MailboxDecision::AlreadyDone(Some(*acceptance)));
             }
+            if !state.compacted.is_empty() {
+                let settled = DomainEvent::MessageAccepted {
+                    message_id: *message_id,
+                    sender: *sender,
+                    recipient,
+                    kind: String::new(),
+                    body: Bytes::default(),
+                };
+                // A retry of a message delivered long ago, whose ciphertext is gone.
+                if let Some(acceptance) = event_id(&settled).and_then(|id| state.compacted.get(&id)) {
+                    return Ok(MailboxDecision::AlreadyDone(Some(*acceptance)));
+                }
+            }
             if body.0.len() > MAX_BODY_BYTES {
                 return Err(MailboxError::BodyTooLarge(body.0.len()));
             }
@@ -158,14 +178,15 @@ pub fn decide(
                 body: body.clone(),
             }]))
         }
-        MailboxCommand::Acknowledge { message_id } => {
+        MailboxCommand::Acknowledge { message_id } | MailboxCommand::Expire { message_id } => {
             let Some((sender, _)) = state.by_id.get(message_id) else { return Err(MailboxError::UnknownMessage) };
+            let settle = match command {
+                MailboxCommand::Expire { .. } => DomainEvent::MessageExpired { message_id: *message_id, recipient },
+                _ => DomainEvent::MessageDelivered { message_id: *message_id, recipient },
+            };
             match state.accepted.get(&(*sender, *message_id)) {
                 Some(acceptance) if acceptance.settled => Ok(MailboxDecision::AlreadyDone(None)),
-                Some(_) => Ok(MailboxDecision::Append(vec![DomainEvent::MessageDelivered {
-                    message_id: *message_id,
-                    recipient,
-                }])),
+                Some(_) => Ok(MailboxDecision::Append(vec![settle])),
                 None => Err(MailboxError::UnknownMessage),
             }
         }
@@ -206,6 +227,14 @@ pub fn evolve(state: &mut MailboxState, version: StreamVersion, recorded_at: Tim
     }
 }
 
+/// Applies a `MessageAccepted` whose payload retention dropped: only a
+/// settled message's ciphertext is ever dropped, so all that remains to know
+/// is that it was accepted (its derived event id) and when.
+pub fn evolve_compacted(state: &mut MailboxState, version: StreamVersion, event_id: EventId, recorded_at: Timestamp) {
+    state.version = state.version.max(version);
+    state.compacted.insert(event_id, Acceptance { version, settled: true, accepted_at: recorded_at });
+}
+
 #[cfg(test)]
 mod tests {
     //! Given events, when a command, then events or an error.
@@ -229,10 +258,7 @@ mod tests {
         let expired = DomainEvent::MessageExpired { message_id: id(1), recipient: user(BOB) };
         assert_eq!(event_id(&delivered), event_id(&expired));
         assert_ne!(event_id(&delivered), event_id(&accept(1, 1, 0)));
-        assert_eq!(
-            event_id(&DomainEvent::EventsCompacted { up_to: crate::ids::Position(1), dropped_payloads: 0 }),
-            None
-        );
+        assert_eq!(event_id(&DomainEvent::EventsCompacted { positions: vec![crate::ids::Position(1)] }), None);
     }
 
     fn user(n: u128) -> UserId {
@@ -348,5 +374,33 @@ mod tests {
         let state = given(&[accepted(3, 1), accepted(2, 4), accepted(1, 1), expired]);
         assert_eq!(state.pending.values().map(|m| m.message_id).collect::<Vec<_>>(), vec![id(3), id(1)]);
         assert_eq!(state.version, StreamVersion(4));
+    }
+
+    #[test]
+    fn expiry_settles_a_pending_message_once_and_never_a_delivered_one() {
+        let expire = MailboxCommand::Expire { message_id: id(1) };
+        let expired = DomainEvent::MessageExpired { message_id: id(1), recipient: user(BOB) };
+        assert_eq!(decide(&given(&[accepted(1, 1)]), user(BOB), &expire), Ok(MailboxDecision::Append(vec![expired])));
+        let delivered = DomainEvent::MessageDelivered { message_id: id(1), recipient: user(BOB) };
+        assert_eq!(
+            decide(&given(&[accepted(1, 1), delivered]), user(BOB), &expire),
+            Ok(MailboxDecision::AlreadyDone(None))
+        );
+        assert_eq!(decide(&given(&[]), user(BOB), &expire), Err(MailboxError::UnknownMessage));
+    }
+
+    #[test]
+    fn a_retry_of_a_message_whose_ciphertext_was_dropped_is_still_recognised() {
+        let mut state = MailboxState::default();
+        let original = accepted(1, 1);
+        let derived = event_id(&original).expect("mailbox event");
+        evolve_compacted(&mut state, StreamVersion(1), derived, Timestamp(77));
+        let delivered = DomainEvent::MessageDelivered { message_id: id(1), recipient: user(BOB) };
+        evolve(&mut state, StreamVersion(2), Timestamp(80), &delivered);
+        let settled = Acceptance { version: StreamVersion(1), settled: true, accepted_at: Timestamp(77) };
+        assert_eq!(decide(&state, user(BOB), &send(1, 1, 10)), Ok(MailboxDecision::AlreadyDone(Some(settled))));
+        // Another sender's message with the same id is still new.
+        assert!(matches!(decide(&state, user(BOB), &send(1, 3, 10)), Ok(MailboxDecision::Append(_))));
+        assert!(state.pending.is_empty());
     }
 }

@@ -239,6 +239,21 @@ pub trait EventStore: Send + Sync + 'static {
     /// chain still verifies. Dropping an already dropped payload is a no-op.
     async fn drop_payload(&self, position: Position) -> Result<(), StoreError>;
 
+    /// Compaction of many positions at once (one transaction where the
+    /// store has them). Positions that do not exist are skipped. Returns how
+    /// many payloads were still there and are now dropped.
+    async fn drop_payloads(&self, positions: &[Position]) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for position in positions {
+            let still_there = self.read_all(Position(position.0.saturating_sub(1)), 1).await?;
+            if still_there.first().is_some_and(|e| e.position == *position && e.payload.is_some()) {
+                self.drop_payload(*position).await?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
     /// A cheap round trip to the database, for health checks.
     async fn check_health(&self) -> Result<(), StoreError>;
 

@@ -97,6 +97,9 @@ pub enum UserCommand {
         claimed_by: UserId,
     },
     /// Register (or replace) the push token for offline notifications.
+    /// Record the unused pools as they stand ([`DomainEvent::PreKeysCompacted`]),
+    /// so retention may drop the payloads of the uploads before it.
+    CompactPreKeys,
     RegisterPushToken {
         /// `fcm`, `apns`, …
         platform: String,
@@ -187,6 +190,10 @@ pub fn decide(state: &UserState, command: &UserCommand) -> Result<Vec<DomainEven
                 token: token.clone(),
             }])
         }
+        (UserCommand::CompactPreKeys, Some(user)) => Ok(vec![DomainEvent::PreKeysCompacted {
+            one_time_prekeys: user.one_time_prekeys.values().cloned().collect(),
+            kyber_prekeys: user.kyber_prekeys.values().cloned().collect(),
+        }]),
         (UserCommand::ClaimPreKeys { claimed_by }, Some(user)) => {
             let kyber = match user.kyber_prekeys.keys().next() {
                 Some(id) => KyberClaim::OneTime(*id),
@@ -288,6 +295,13 @@ pub fn evolve(state: &mut UserState, event: &DomainEvent) {
                 if let KyberClaim::OneTime(id) = kyber {
                     user.kyber_prekeys.remove(id);
                 }
+            }
+        }
+        DomainEvent::PreKeysCompacted { one_time_prekeys, kyber_prekeys } => {
+            // Uploads before this event may have lost their payloads: the pools are exactly these.
+            if let Some(user) = &mut state.registered {
+                user.one_time_prekeys = one_time_prekeys.iter().map(|k| (k.id, k.clone())).collect();
+                user.kyber_prekeys = kyber_prekeys.iter().map(|k| (k.id, k.clone())).collect();
             }
         }
         DomainEvent::PushTokenRegistered { platform, token, .. } => {
@@ -507,6 +521,36 @@ mod tests {
     }
 
     #[test]
+    fn compacted_pools_fold_to_the_same_state_without_the_uploads_before_them() {
+        let mut history = registered(1..6, 10..13);
+        history.push(DomainEvent::PreKeyClaimed {
+            claimed_by: bob(),
+            one_time_prekey: Some(PreKeyId(1)),
+            kyber: KyberClaim::OneTime(KyberPreKeyId(10)),
+        });
+        let events = given(history.clone()).when(UserCommand::CompactPreKeys).expect("registered");
+        assert_eq!(
+            events,
+            vec![DomainEvent::PreKeysCompacted { one_time_prekeys: one_time(2..6), kyber_prekeys: kyber(11..13) }]
+        );
+        let full = given([history.clone(), events.clone()].concat()).state;
+        // Retention dropped the upload payloads: the fold skips them, and claims of keys it never saw.
+        let without_uploads: Vec<DomainEvent> = history
+            .into_iter()
+            .filter(|e| {
+                !matches!(e, DomainEvent::OneTimePreKeysUploaded { .. } | DomainEvent::KyberPreKeysUploaded { .. })
+            })
+            .chain(events)
+            .collect();
+        assert_eq!(given(without_uploads).state, full);
+        assert_eq!(
+            given(vec![]).when(UserCommand::CompactPreKeys),
+            Err(DomainError::NotRegistered),
+            "nothing to record for an unknown user"
+        );
+    }
+
+    #[test]
     fn every_event_round_trips_through_its_stored_form() {
         use crate::envelope::Hash;
         use crate::ids::{EventId, MessageId, Position, StreamId, StreamVersion, Timestamp};
@@ -529,7 +573,8 @@ mod tests {
             DomainEvent::MessageDelivered { message_id: MessageId(Uuid::from_u128(5)), recipient: bob() },
             DomainEvent::MessageExpired { message_id: MessageId(Uuid::from_u128(6)), recipient: bob() },
             DomainEvent::PushTokenRegistered { user_id: alice(), platform: "fcm".into(), token: "t".into() },
-            DomainEvent::EventsCompacted { up_to: Position(10), dropped_payloads: 3 },
+            DomainEvent::PreKeysCompacted { one_time_prekeys: one_time(4..6), kyber_prekeys: kyber(7..8) },
+            DomainEvent::EventsCompacted { positions: vec![Position(3), Position(10)] },
         ]);
         for event in all {
             let new = event.to_new_event(EventId(Uuid::from_u128(42))).expect("serializes");

@@ -1,14 +1,20 @@
-//! privcomm's read side: projection workers, replay for auditors, retention.
+//! privcomm's read side: read models folded from the log, the workers that
+//! keep them current, replay for auditors, and retention.
 //!
-//! Read models (key directory, mailbox, push tokens, identity-key history)
-//! are folded from the event log. Each worker consumes the feed (a durable
-//! JetStream consumer in cluster mode, the in-process bus in embedded mode),
-//! applies events idempotently and stores its checkpoint in the same
-//! transaction as its read-model change, so any model can be dropped and
-//! rebuilt from the log. `privcomm replay` rebuilds them for auditors while
-//! verifying the hash chain; the retention jobs (expiry, compaction) append
-//! their decisions as events so a replay reproduces them.
+//! - [`rows`]: read-model changes as data ([`rows::Op`]) and table checksums.
+//! - [`models`]: the read models (key directory, mailbox, push tokens,
+//!   identity-key history, event counts) as pure folds from events to ops.
+//! - [`store`]: where the rows live — SQL on PostgreSQL or SQLite, or memory —
+//!   each batch applied in one transaction with the model's checkpoint.
 //!
-//! Status: the crate is in place with the domain dependency; the workers,
-//! replay and retention land with the "Projections, auditor replay and
-//! retention" issue. Nothing here is wired into `privcomm serve` yet.
+//! Architecture invariant: every read model rebuilds from the log. Nothing
+//! but a worker applying events writes a read-model table.
+
+pub mod checkpoints;
+pub mod export;
+pub mod models;
+pub mod replay;
+pub mod retention;
+pub mod rows;
+pub mod store;
+pub mod worker;

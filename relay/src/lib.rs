@@ -51,6 +51,14 @@ impl Aggregate for Mailboxes {
     fn evolve(state: &mut MailboxState, version: StreamVersion, recorded_at: Timestamp, event: &DomainEvent) {
         privcomm_domain::mailbox::evolve(state, version, recorded_at, event);
     }
+    fn evolve_compacted(state: &mut MailboxState, recorded: &privcomm_domain::RecordedEvent) {
+        privcomm_domain::mailbox::evolve_compacted(
+            state,
+            recorded.stream_version,
+            recorded.event_id,
+            recorded.recorded_at,
+        );
+    }
 }
 
 /// Relay settings.

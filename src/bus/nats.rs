@@ -230,3 +230,67 @@ impl PushSink for NatsPush {
         self.client.publish(self.subject(&request.platform), payload.into()).await.map_err(|e| e.to_string())
     }
 }
+
+/// Durable JetStream consumers for the projection workers.
+///
+/// Each worker has its own durable pull consumer (`privcomm-projection-<model>`,
+/// acknowledge-all). Opening it positions it just after the read model's
+/// checkpoint — the checkpoint, kept with the read model, is the truth — and
+/// the worker acknowledges each batch after committing it, so the consumer's
+/// pending count (`nats consumer info`) is the model's lag as NATS sees it.
+pub struct NatsFeed {
+    bus: std::sync::Arc<NatsBus>,
+}
+
+impl NatsFeed {
+    /// Feeds from `bus`'s stream.
+    pub fn new(bus: std::sync::Arc<NatsBus>) -> NatsFeed {
+        NatsFeed { bus }
+    }
+}
+
+#[async_trait]
+impl privcomm_projections::worker::Feed for NatsFeed {
+    async fn open(
+        &self,
+        consumer: &str,
+        after: Position,
+    ) -> Result<BoxStream<'static, Result<privcomm_projections::worker::Delivery, BusError>>, BusError> {
+        let stream = self.bus.jetstream.get_stream(&self.bus.config.stream_name).await.map_err(transport)?;
+        // Re-position the durable at the checkpoint (it may be ahead after a
+        // read model was rebuilt, or behind after a crash before an ack).
+        let _ = stream.delete_consumer(consumer).await;
+        let deliver_policy = match after {
+            Position::START => consumer::DeliverPolicy::All,
+            after => consumer::DeliverPolicy::ByStartSequence { start_sequence: after.0 + 1 },
+        };
+        let durable = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(consumer.to_owned()),
+                deliver_policy,
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 4 * privcomm_projections::worker::MAX_BATCH as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(transport)?;
+        let messages = durable.messages().await.map_err(transport)?;
+        Ok(messages
+            .map(|message| {
+                let message = message.map_err(transport)?;
+                let event = serde_json::from_slice::<RecordedEvent>(&message.payload)
+                    .map_err(|e| BusError::Decode(e.to_string()))?;
+                let ack: privcomm_projections::worker::Ack = Box::new(move || {
+                    Box::pin(async move {
+                        if let Err(error) = message.ack().await {
+                            // The checkpoint already holds the batch; a lost ack only means a redelivery to skip.
+                            tracing::debug!(%error, "cannot acknowledge a projection batch");
+                        }
+                    })
+                });
+                Ok(privcomm_projections::worker::Delivery { event, ack: Some(ack) })
+            })
+            .boxed())
+    }
+}

@@ -316,6 +316,16 @@ impl EventStore for PostgresEventStore {
         Ok(())
     }
 
+    async fn drop_payloads(&self, positions: &[Position]) -> Result<u64, StoreError> {
+        let positions: Vec<i64> = positions.iter().map(|p| p.0 as i64).collect();
+        let updated = sqlx::query("UPDATE events SET payload = NULL WHERE position = ANY($1) AND payload IS NOT NULL")
+            .bind(&positions)
+            .execute(&self.pool)
+            .await
+            .map_err(sql_error)?;
+        Ok(updated.rows_affected())
+    }
+
     async fn check_health(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(sql_error)?;
         Ok(())

@@ -36,8 +36,9 @@ pub struct SqliteEventStore {
 }
 
 /// Connection options for `url` (`sqlite:path`): creates the file, WAL,
-/// `synchronous = FULL` (an acknowledged append survives power loss), and a
-/// busy timeout instead of immediate `SQLITE_BUSY`.
+/// `synchronous = FULL` (an acknowledged append survives power loss),
+/// `secure_delete` (dropped payloads are overwritten, not left in free
+/// pages), and a busy timeout instead of immediate `SQLITE_BUSY`.
 pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     Ok(SqliteConnectOptions::from_str(url)
         .map_err(sql_error)?
@@ -45,6 +46,8 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
+        // Retention drops ciphertext: zero the freed bytes instead of leaving them in free pages.
+        .pragma("secure_delete", "ON")
         .busy_timeout(Duration::from_secs(5)))
 }
 
@@ -77,6 +80,14 @@ impl SqliteEventStore {
     /// The reader pool, for components that keep tables beside the log.
     pub fn pool(&self) -> &SqlitePool {
         &self.readers
+    }
+
+    /// The single writer connection. Components that write tables beside
+    /// the log (the read models) queue for it, rather than contend for
+    /// SQLite's write lock from a connection of their own — contention that
+    /// SQLite resolves by sleeping.
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 }
 
@@ -233,6 +244,21 @@ impl EventStore for SqliteEventStore {
             return Err(StoreError::NotFound(position));
         }
         Ok(())
+    }
+
+    async fn drop_payloads(&self, positions: &[Position]) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sql_error)?;
+        let mut dropped = 0;
+        for position in positions {
+            let updated = sqlx::query("UPDATE events SET payload = NULL WHERE position = ? AND payload IS NOT NULL")
+                .bind(position.0 as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?;
+            dropped += updated.rows_affected();
+        }
+        tx.commit().await.map_err(sql_error)?;
+        Ok(dropped)
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@ use privcomm_api::ApiConfig;
 use privcomm_api::limits::{RateLimit, RateLimits};
 use privcomm_domain::Timestamp;
 use privcomm_domain::clock::ManualClock;
+use privcomm_projections::store::ReadDb;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,7 +48,15 @@ pub fn config(limits: RateLimits) -> ApiConfig {
 /// A running API with its store and clock.
 pub struct TestApi {
     pub base: String,
+    /// The event store's database (`sqlite:…` or `postgres://…`).
+    pub database_url: String,
     pub store: Arc<dyn LogStore>,
+    /// Committed events (the in-process bus, or JetStream fed by an outbox publisher).
+    pub bus: Arc<dyn privcomm_domain::EventBus>,
+    /// The projection workers' feed.
+    pub feed: Arc<dyn privcomm_projections::worker::Feed>,
+    /// Where read models live (as `privcomm serve` chooses it).
+    pub read_db: privcomm_projections::store::ReadDb,
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -71,20 +80,28 @@ impl TestApi {
     pub async fn start(mode: Mode, limits: RateLimits) -> Result<TestApi, String> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
         let clock = Arc::new(ManualClock::new(Timestamp(now.as_micros() as i64)));
-        let (store, links, push, cleanup): (Arc<dyn LogStore>, Links, PushFeed, Cleanup) = match mode {
+        type Opened = (Arc<dyn LogStore>, Links, PushFeed, Cleanup, String, ReadDb);
+        let (store, links, push, cleanup, database_url, read_db): Opened = match mode {
             Mode::Embedded => {
                 let (store, dir) = super::sqlite_store(clock.clone()).await?;
+                let url = format!("sqlite:{}", dir.path.join("events.db").display());
+                let read_db = ReadDb::Sqlite(store.writer().clone());
                 let store: Arc<dyn LogStore> = Arc::new(store);
                 let push = Arc::new(InProcessPush::default());
-                (store.clone(), Links::embedded(store, push.clone()), PushFeed::InProcess(push), Cleanup::Dir(dir))
+                let links = Links::embedded(store.clone(), push.clone());
+                (store, links, PushFeed::InProcess(push), Cleanup::Dir(dir), url, read_db)
             }
             Mode::Cluster => {
                 let (store, db) = super::postgres_store(clock.clone()).await?;
                 let bus = Arc::new(super::nats_bus().await?);
                 let subjects = NatsPush::new(&bus).subject("*");
-                (Arc::new(store), Links::nats(bus.clone()), PushFeed::Nats(subjects), Cleanup::Cluster(Some(db), bus))
+                let url = db.url.clone();
+                let read_db = privcomm::projector::open_read_db(&url).await.map_err(|e| format!("{e:#}"))?;
+                let links = Links::nats(bus.clone());
+                (Arc::new(store), links, PushFeed::Nats(subjects), Cleanup::Cluster(Some(db), bus), url, read_db)
             }
         };
+        let (bus, feed) = (links.bus.clone(), links.feed.clone());
         let config = config(limits);
         let (stop_connections, connections_stop) = tokio::sync::watch::channel(false);
         let app = privcomm::serve::build_app(
@@ -95,6 +112,7 @@ impl TestApi {
             // No coalescing, so that each push decision shows (coalescing has unit tests).
             privcomm_relay::RelaySettings { push_coalesce: Duration::ZERO, ..Default::default() },
             connections_stop,
+            &[],
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let address = listener.local_addr().map_err(|e| e.to_string())?;
@@ -108,7 +126,11 @@ impl TestApi {
         });
         Ok(TestApi {
             base: format!("http://{address}"),
+            database_url,
             store,
+            bus,
+            feed,
+            read_db,
             clock,
             http: reqwest::Client::new(),
             stop: Some(stop),
@@ -116,6 +138,27 @@ impl TestApi {
             push,
             cleanup,
         })
+    }
+
+    /// Starts the projection workers and the outbox publisher that feeds
+    /// their bus, on this API's clock.
+    pub async fn start_projector(&self) -> Result<Projection, String> {
+        let db = self.read_db.clone();
+        let setup = privcomm::projector::ProjectorSetup::new(
+            db.clone(),
+            self.feed.clone(),
+            self.store.clone(),
+            self.clock.clone(),
+        );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = vec![tokio::spawn(setup.clone().run(stopped.clone()))];
+        // The bus carries only what the outbox publisher has published (in-process: marked).
+        let publisher = privcomm::outbox::OutboxPublisher::new(self.store.clone(), self.bus.clone());
+        let mut publisher_stopped = stopped.clone();
+        tasks.push(tokio::spawn(publisher.run(async move {
+            let _ = publisher_stopped.wait_for(|s| *s).await;
+        })));
+        Ok(Projection { db, setup, stop, tasks })
     }
 
     /// Push requests published from now on, as JSON.
@@ -256,5 +299,48 @@ impl Client {
             return Err(format!("token answered {status}: {body}"));
         }
         Ok(body["token"].as_str().ok_or("no token")?.to_owned())
+    }
+}
+
+/// Running projection workers.
+pub struct Projection {
+    pub db: privcomm_projections::store::ReadDb,
+    pub setup: privcomm::projector::ProjectorSetup,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Projection {
+    /// Waits until every read model has applied the whole log.
+    pub async fn caught_up(
+        &self,
+        store: &dyn privcomm_domain::EventStore,
+    ) -> Result<privcomm_domain::Position, String> {
+        let head = store.head().await.map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut behind = Vec::new();
+            for model in privcomm_projections::models::all() {
+                let at = self.setup.read_store.checkpoint(model.as_ref()).await.map_err(|e| e.to_string())?;
+                if at < head {
+                    behind.push(format!("{} at {at}", model.name()));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(head);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("read models did not reach position {head} within 60 s: {}", behind.join(", ")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the workers and waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }

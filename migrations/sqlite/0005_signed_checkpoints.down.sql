@@ -1,0 +1,3 @@
+-- Auditors hold their own copies of the checkpoints they fetched; the
+-- server's copies go with the table.
+DROP TABLE signed_checkpoints;

@@ -1,0 +1,521 @@
+//! Where read models live: [`ReadStore`], with a SQL implementation for
+//! PostgreSQL and SQLite ([`SqlReadStore`]) and an in-memory one for fast
+//! tests ([`MemoryReadStore`]).
+//!
+//! Every batch is applied in one transaction together with the model's
+//! checkpoint, after re-reading that checkpoint inside the transaction:
+//! events at or below it are skipped, and an event that does not follow it
+//! is refused as a gap. So a batch delivered twice, or by two workers at
+//! once, is applied once, and a worker killed mid-batch leaves either all of
+//! the batch or none of it behind.
+
+use crate::models::{ReadModel, checkpoint_name};
+use crate::rows::{Kind, KindTag, Op, Table, TableChecksum, Value};
+use async_trait::async_trait;
+use futures::TryStreamExt as _;
+use privcomm_domain::events::DomainEvent;
+use privcomm_domain::{Position, RecordedEvent};
+use sqlx::Row as _;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+/// An event with its payload decoded once for every model.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    /// The stored event.
+    pub event: RecordedEvent,
+    /// Its payload, or `None` where retention dropped it (allowed types only).
+    pub domain: Option<DomainEvent>,
+}
+
+impl Decoded {
+    /// Decodes `event`; a missing payload that retention may not drop, or
+    /// one this build cannot read, is an error naming the position.
+    pub fn new(event: RecordedEvent) -> Result<Decoded, ProjectionError> {
+        let domain = DomainEvent::for_fold(&event)
+            .map_err(|error| ProjectionError::Undecodable { position: event.position, reason: error.to_string() })?;
+        Ok(Decoded { event, domain })
+    }
+}
+
+/// Errors of the read side.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The next event is not the one after the model's checkpoint.
+    #[error("read model {model} is at position {checkpoint} but was handed position {next}")]
+    Gap {
+        /// The model.
+        model: &'static str,
+        /// Its checkpoint.
+        checkpoint: Position,
+        /// What it was handed.
+        next: Position,
+    },
+    /// An event the models cannot read (an unknown type, or a payload
+    /// missing where retention may not drop it).
+    #[error("event at position {position} cannot be projected: {reason}")]
+    Undecodable {
+        /// Where.
+        position: Position,
+        /// Why.
+        reason: String,
+    },
+    /// The read-model database failed.
+    #[error("read-model storage failed")]
+    Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<sqlx::Error> for ProjectionError {
+    fn from(error: sqlx::Error) -> Self {
+        ProjectionError::Storage(Box::new(error))
+    }
+}
+
+/// The part of a batch a model still has to apply: the operations and the
+/// checkpoint after them.
+pub fn plan(
+    model: &dyn ReadModel,
+    checkpoint: Position,
+    batch: &[Decoded],
+) -> Result<Option<(Vec<Op>, Position)>, ProjectionError> {
+    let mut ops = Vec::new();
+    let mut at = checkpoint;
+    for decoded in batch.iter().filter(|d| d.event.position > checkpoint) {
+        if decoded.event.position != at.next() {
+            return Err(ProjectionError::Gap { model: model.name(), checkpoint: at, next: decoded.event.position });
+        }
+        model.apply(&decoded.event, decoded.domain.as_ref(), &mut ops);
+        at = decoded.event.position;
+    }
+    Ok((at != checkpoint).then_some((ops, at)))
+}
+
+/// Storage for read models and their checkpoints.
+#[async_trait]
+pub trait ReadStore: Send + Sync + 'static {
+    /// Applies, for each `(model, events)`, the events after that model's
+    /// checkpoint and its new checkpoint — all of it in one transaction.
+    /// Returns each model's checkpoint after it.
+    async fn apply(&self, work: &[(&dyn ReadModel, &[Decoded])]) -> Result<Vec<Position>, ProjectionError>;
+
+    /// [`ReadStore::apply`] for one model.
+    async fn apply_batch(&self, model: &dyn ReadModel, batch: &[Decoded]) -> Result<Position, ProjectionError> {
+        let after = self.apply(&[(model, batch)]).await?;
+        Ok(after.first().copied().unwrap_or(Position::START))
+    }
+
+    /// The model's checkpoint ([`Position::START`] before its first batch).
+    async fn checkpoint(&self, model: &dyn ReadModel) -> Result<Position, ProjectionError>;
+
+    /// The checksum of every row of `table`.
+    async fn checksum(&self, table: &'static Table) -> Result<TableChecksum, ProjectionError>;
+
+    /// Checkpoints and checksums of a model's tables read in one snapshot,
+    /// so the pair is consistent while the worker keeps applying.
+    async fn snapshot(&self, model: &dyn ReadModel) -> Result<ModelSnapshot, ProjectionError>;
+}
+
+/// A model's checkpoint with the checksums of its tables at that checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSnapshot {
+    /// Checkpoint.
+    pub checkpoint: Position,
+    /// `(table, checksum)` in the model's table order.
+    pub tables: Vec<(&'static str, TableChecksum)>,
+}
+
+// ---------------------------------------------------------------- in memory
+
+type Rows = BTreeMap<Vec<Value>, Vec<Value>>;
+
+/// Read models in memory: the reference implementation for fast tests.
+#[derive(Default)]
+pub struct MemoryReadStore {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    tables: HashMap<&'static str, Rows>,
+    checkpoints: HashMap<String, Position>,
+}
+
+impl MemoryReadStore {
+    /// The rows of a table, by key.
+    pub fn rows(&self, table: &Table) -> Vec<Vec<Value>> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.tables.get(table.name).map(|rows| rows.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
+fn column_index(table: &Table, name: &str) -> usize {
+    table.columns.iter().position(|c| c.name == name).unwrap_or_else(|| panic!("{} has no column {name}", table.name))
+}
+
+fn apply_in_memory(tables: &mut HashMap<&'static str, Rows>, op: &Op) {
+    match op {
+        Op::Upsert { table, row } => {
+            tables.entry(table.name).or_default().insert(row[..table.key_len].to_vec(), row.clone());
+        }
+        Op::Update { table, key, set } => {
+            if let Some(row) = tables.entry(table.name).or_default().get_mut(key) {
+                for (column, value) in set {
+                    row[column_index(table, column)] = value.clone();
+                }
+            }
+        }
+        Op::SetIfNull { table, key, column, value } => {
+            if let Some(row) = tables.entry(table.name).or_default().get_mut(key) {
+                let cell = &mut row[column_index(table, column)];
+                if matches!(cell, Value::Null(_)) {
+                    *cell = value.clone();
+                }
+            }
+        }
+        Op::Increment { table, key, column, by } => {
+            if let Some(row) = tables.entry(table.name).or_default().get_mut(key)
+                && let Value::Int(current) = &mut row[column_index(table, column)]
+            {
+                *current += by;
+            }
+        }
+        Op::Tally { table, key, column, by } => {
+            let index = column_index(table, column);
+            let row = tables.entry(table.name).or_default().entry(key.clone()).or_insert_with(|| {
+                let mut row = key.clone();
+                row.extend(table.columns[table.key_len..].iter().map(|_| Value::Int(0)));
+                row
+            });
+            if let Value::Int(current) = &mut row[index] {
+                *current += by;
+            }
+        }
+        Op::Delete { table, key } => {
+            tables.entry(table.name).or_default().retain(|k, _| !k.starts_with(key));
+        }
+        Op::DeleteWhere { table, column, value } => {
+            let index = column_index(table, column);
+            tables.entry(table.name).or_default().retain(|_, row| &row[index] != value);
+        }
+    }
+}
+
+#[async_trait]
+impl ReadStore for MemoryReadStore {
+    async fn apply(&self, work: &[(&dyn ReadModel, &[Decoded])]) -> Result<Vec<Position>, ProjectionError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // All or nothing, like a transaction: plan everything before changing anything.
+        let mut planned = Vec::new();
+        for (model, batch) in work {
+            let name = checkpoint_name(*model);
+            let checkpoint = state.checkpoints.get(&name).copied().unwrap_or(Position::START);
+            planned.push((name, checkpoint, plan(*model, checkpoint, batch)?));
+        }
+        let mut after = Vec::new();
+        for (name, checkpoint, plan) in planned {
+            match plan {
+                Some((ops, at)) => {
+                    for op in &ops {
+                        apply_in_memory(&mut state.tables, op);
+                    }
+                    state.checkpoints.insert(name, at);
+                    after.push(at);
+                }
+                None => after.push(checkpoint),
+            }
+        }
+        Ok(after)
+    }
+
+    async fn checkpoint(&self, model: &dyn ReadModel) -> Result<Position, ProjectionError> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(state.checkpoints.get(&checkpoint_name(model)).copied().unwrap_or(Position::START))
+    }
+
+    async fn checksum(&self, table: &'static Table) -> Result<TableChecksum, ProjectionError> {
+        let mut checksum = TableChecksum::default();
+        for row in self.rows(table) {
+            checksum.add_row(&row);
+        }
+        Ok(checksum)
+    }
+
+    async fn snapshot(&self, model: &dyn ReadModel) -> Result<ModelSnapshot, ProjectionError> {
+        let checkpoint = self.checkpoint(model).await?;
+        let mut tables = Vec::new();
+        for table in model.tables() {
+            tables.push((table.name, self.checksum(table).await?));
+        }
+        Ok(ModelSnapshot { checkpoint, tables })
+    }
+}
+
+// ---------------------------------------------------------------- SQL
+
+/// A read-model database: the event store's own database in `privcomm
+/// serve`, or a fresh one for `privcomm replay`.
+#[derive(Clone, Debug)]
+pub enum ReadDb {
+    /// PostgreSQL (cluster mode).
+    Postgres(sqlx::PgPool),
+    /// SQLite (embedded mode, replays).
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// Read models in SQL. The statements are the same text on both backends
+/// (`$n` parameters, `ON CONFLICT … DO UPDATE`); only row locking differs.
+pub struct SqlReadStore {
+    db: ReadDb,
+}
+
+impl SqlReadStore {
+    /// Read models in `db` (migrated: migration 0004 creates the tables).
+    pub fn new(db: ReadDb) -> SqlReadStore {
+        SqlReadStore { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &ReadDb {
+        &self.db
+    }
+}
+
+fn key_condition(table: &Table, key_len: usize, first: usize) -> String {
+    table.columns[..key_len]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}", c.name, first + i))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The statement for an op and the values to bind, in order.
+pub fn statement(op: &Op) -> (String, Vec<Value>) {
+    match op {
+        Op::Upsert { table, row } => {
+            let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+            let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+            let keys: Vec<&str> = table.key().iter().map(|c| c.name).collect();
+            let updates: Vec<String> =
+                table.columns[table.key_len..].iter().map(|c| format!("{0} = excluded.{0}", c.name)).collect();
+            let conflict = if updates.is_empty() {
+                "DO NOTHING".to_owned()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            };
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {conflict}",
+                table.name,
+                columns.join(", "),
+                params.join(", "),
+                keys.join(", ")
+            );
+            (sql, row.clone())
+        }
+        Op::Update { table, key, set } => {
+            let assignments: Vec<String> =
+                set.iter().enumerate().map(|(i, (column, _))| format!("{column} = ${}", i + 1)).collect();
+            let sql = format!(
+                "UPDATE {} SET {} WHERE {}",
+                table.name,
+                assignments.join(", "),
+                key_condition(table, key.len(), set.len() + 1)
+            );
+            let mut values: Vec<Value> = set.iter().map(|(_, v)| v.clone()).collect();
+            values.extend(key.iter().cloned());
+            (sql, values)
+        }
+        Op::SetIfNull { table, key, column, value } => {
+            let sql = format!(
+                "UPDATE {0} SET {column} = COALESCE({column}, $1) WHERE {1}",
+                table.name,
+                key_condition(table, key.len(), 2)
+            );
+            let mut values = vec![value.clone()];
+            values.extend(key.iter().cloned());
+            (sql, values)
+        }
+        Op::Increment { table, key, column, by } => {
+            let sql = format!(
+                "UPDATE {0} SET {column} = {column} + $1 WHERE {1}",
+                table.name,
+                key_condition(table, key.len(), 2)
+            );
+            let mut values = vec![Value::Int(*by)];
+            values.extend(key.iter().cloned());
+            (sql, values)
+        }
+        Op::Tally { table, key, column, by } => {
+            let keys: Vec<&str> = table.key().iter().map(|c| c.name).collect();
+            let params: Vec<String> = (1..=keys.len() + 1).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "INSERT INTO {0} ({1}, {column}) VALUES ({2}) ON CONFLICT ({1}) DO UPDATE SET {column} = {0}.{column} + excluded.{column}",
+                table.name,
+                keys.join(", "),
+                params.join(", ")
+            );
+            let mut values = key.clone();
+            values.push(Value::Int(*by));
+            (sql, values)
+        }
+        Op::Delete { table, key } => {
+            (format!("DELETE FROM {} WHERE {}", table.name, key_condition(table, key.len(), 1)), key.clone())
+        }
+        Op::DeleteWhere { table, column, value } => {
+            (format!("DELETE FROM {} WHERE {column} = $1", table.name), vec![value.clone()])
+        }
+    }
+}
+
+/// Binds values to a query of either backend.
+macro_rules! bind_values {
+    ($query:expr, $values:expr) => {{
+        let mut query = $query;
+        for value in $values {
+            query = match value {
+                Value::Int(v) => query.bind(*v),
+                Value::Text(v) => query.bind(v.as_str()),
+                Value::Bytes(v) => query.bind(v.as_slice()),
+                Value::Null(KindTag::Int) => query.bind(None::<i64>),
+                Value::Null(KindTag::Text) => query.bind(None::<&str>),
+                Value::Null(KindTag::Bytes) => query.bind(None::<&[u8]>),
+            };
+        }
+        query
+    }};
+}
+
+/// Reads one column of a row of either backend as a [`Value`].
+macro_rules! read_value {
+    ($row:expr, $index:expr, $column:expr) => {{
+        let column = $column;
+        match column.kind {
+            Kind::Int => $row.try_get::<Option<i64>, _>($index)?.map_or(Value::Null(KindTag::Int), Value::Int),
+            Kind::Text => $row.try_get::<Option<String>, _>($index)?.map_or(Value::Null(KindTag::Text), Value::Text),
+            Kind::Bytes => {
+                $row.try_get::<Option<Vec<u8>>, _>($index)?.map_or(Value::Null(KindTag::Bytes), Value::Bytes)
+            }
+        }
+    }};
+}
+
+/// Runs the same body against whichever backend `db` is.
+macro_rules! on_backend {
+    ($db:expr, $pool:ident, $lock:ident => $body:expr) => {
+        match $db {
+            ReadDb::Postgres($pool) => {
+                let $lock = " FOR UPDATE";
+                $body
+            }
+            ReadDb::Sqlite($pool) => {
+                // SQLite has one writer at a time: the transaction's first write takes the lock.
+                let $lock = "";
+                $body
+            }
+        }
+    };
+}
+
+/// Streams every row of a table through a checksum, on one connection.
+macro_rules! checksum_on {
+    ($connection:expr, $table:expr) => {{
+        let table: &'static Table = $table;
+        let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+        let sql = format!("SELECT {} FROM {}", columns.join(", "), table.name);
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch($connection);
+        let mut checksum = TableChecksum::default();
+        let mut values = Vec::with_capacity(table.columns.len());
+        let result: Result<TableChecksum, ProjectionError> = async {
+            while let Some(row) = rows.try_next().await? {
+                values.clear();
+                for (index, column) in table.columns.iter().enumerate() {
+                    values.push(read_value!(row, index, column));
+                }
+                checksum.add_row(&values);
+            }
+            Ok(checksum)
+        }
+        .await;
+        result
+    }};
+}
+
+const ENSURE_CHECKPOINT: &str =
+    "INSERT INTO checkpoints (name, position, updated_at_us) VALUES ($1, 0, 0) ON CONFLICT (name) DO NOTHING";
+const SAVE_CHECKPOINT: &str = "UPDATE checkpoints SET position = $1, updated_at_us = $2 WHERE name = $3";
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
+}
+
+#[async_trait]
+impl ReadStore for SqlReadStore {
+    async fn apply(&self, work: &[(&dyn ReadModel, &[Decoded])]) -> Result<Vec<Position>, ProjectionError> {
+        on_backend!(&self.db, pool, lock => {
+            let mut tx = pool.begin().await?;
+            let mut after = Vec::with_capacity(work.len());
+            let mut changed = false;
+            for (model, batch) in work {
+                let name = checkpoint_name(*model);
+                sqlx::query(ENSURE_CHECKPOINT).bind(&name).execute(&mut *tx).await?;
+                let select = format!("SELECT position FROM checkpoints WHERE name = $1{lock}");
+                let stored: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(select)).bind(&name).fetch_one(&mut *tx).await?;
+                let checkpoint = Position(stored as u64);
+                let Some((ops, at)) = plan(*model, checkpoint, batch)? else {
+                    after.push(checkpoint);
+                    continue;
+                };
+                for op in &ops {
+                    let (sql, values) = statement(op);
+                    bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values).execute(&mut *tx).await?;
+                }
+                sqlx::query(SAVE_CHECKPOINT).bind(at.0 as i64).bind(now_us()).bind(&name).execute(&mut *tx).await?;
+                after.push(at);
+                changed = true;
+            }
+            if changed {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            Ok(after)
+        })
+    }
+
+    async fn checkpoint(&self, model: &dyn ReadModel) -> Result<Position, ProjectionError> {
+        let name = checkpoint_name(model);
+        let sql = "SELECT position FROM checkpoints WHERE name = $1";
+        let stored: Option<i64> = on_backend!(&self.db, pool, _lock => {
+            sqlx::query_scalar(sql).bind(&name).fetch_optional(pool).await?
+        });
+        Ok(Position(stored.unwrap_or(0) as u64))
+    }
+
+    async fn checksum(&self, table: &'static Table) -> Result<TableChecksum, ProjectionError> {
+        on_backend!(&self.db, pool, _lock => {
+            let mut connection = pool.acquire().await?;
+            checksum_on!(&mut *connection, table)
+        })
+    }
+
+    async fn snapshot(&self, model: &dyn ReadModel) -> Result<ModelSnapshot, ProjectionError> {
+        let name = checkpoint_name(model);
+        on_backend!(&self.db, pool, _lock => {
+            let mut tx = pool.begin().await?;
+            if matches!(self.db, ReadDb::Postgres(_)) {
+                // One snapshot for the checkpoint and every table read after it.
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+            }
+            let stored: Option<i64> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+                .bind(&name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let mut tables = Vec::new();
+            for table in model.tables() {
+                tables.push((table.name, checksum_on!(&mut *tx, table)?));
+            }
+            tx.commit().await?;
+            Ok(ModelSnapshot { checkpoint: Position(stored.unwrap_or(0) as u64), tables })
+        })
+    }
+}
