@@ -271,6 +271,9 @@ pub struct ReplayArgs {
     /// Keep the temporary database and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Rebuild to the head and compare nothing (benchmarks, or when no live models exist).
+    #[arg(long)]
+    no_compare: bool,
     /// Events per page.
     #[arg(long, default_value_t = 5_000)]
     page: usize,
@@ -305,11 +308,13 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             let head = store.head().await?;
             progress.total = Some(head.0);
             // Each live model is compared at its own checkpoint, read with its checksums in one snapshot.
-            let live = SqlReadStore::new(crate::projector::open_read_db(&args.log.database_url).await?);
-            for model in &all {
-                let snapshot = live.snapshot(model.as_ref()).await?;
-                limits.insert(model.name(), snapshot.checkpoint);
-                live_snapshots.push((model.clone(), snapshot));
+            if !args.no_compare {
+                let live = SqlReadStore::new(crate::projector::open_read_db(&args.log.database_url).await?);
+                for model in &all {
+                    let snapshot = live.snapshot(model.as_ref()).await?;
+                    limits.insert(model.name(), snapshot.checkpoint);
+                    live_snapshots.push((model.clone(), snapshot));
+                }
             }
             let mut source = StoreSource::new(store, args.page, Some(head));
             privcomm_projections::replay::replay(&mut source, &target_store, &all, &limits, |n, p| progress.show(n, p))
@@ -345,8 +350,8 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             );
         }
     }
-    if args.from.is_none() && live_snapshots.is_empty() {
-        println!("  (no live read models to compare)");
+    if args.from.is_none() && args.no_compare {
+        println!("  (not compared with the live read models: --no-compare)");
     }
     match (&temporary, args.keep) {
         (Some(path), true) => println!("rebuilt read models kept in {}", path.display()),

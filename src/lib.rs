@@ -19,6 +19,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_api;
+pub mod bench_replay;
 pub mod bus;
 pub mod clock;
 pub mod config;

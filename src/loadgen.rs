@@ -435,6 +435,7 @@ async fn load(args: &LoadgenArgs, db_url: &str, stream: &str) -> anyhow::Result<
         }
         tokio::time::sleep(Duration::from_millis(500)).await; // late duplicates would show up now
         let rss_after = nodes.iter().map(NodeProcess::rss_bytes).collect::<anyhow::Result<Vec<_>>>()?;
+        let projection = projection_delays(&bases).await;
         let received = counters.received.load(Ordering::Relaxed);
         let latencies = latencies.lock().map_err(|_| anyhow::anyhow!("latency lock poisoned"))?;
         let elapsed = sending_ended.saturating_duration_since(start).as_secs_f64().max(1e-9);
@@ -457,6 +458,7 @@ async fn load(args: &LoadgenArgs, db_url: &str, stream: &str) -> anyhow::Result<
             },
             "memory": memory,
             "rss_after_run_bytes": rss_after,
+            "projection_delay_s": projection,
         });
         let title = format!(
             "privcomm loadgen: {} msg/s, {} clients, {} nodes, {} B bodies",
@@ -504,4 +506,29 @@ fn memory_report(before: &[u64], after: &[u64], clients: usize) -> Value {
         .collect();
     let growth: u64 = before.iter().zip(after).map(|(b, a)| a.saturating_sub(*b)).sum();
     json!({ "per_connection_bytes": growth as f64 / clients.max(1) as f64, "nodes": per_node })
+}
+
+/// The projection workers' commit-to-applied delay over the run, per read
+/// model, from the `/metrics` of whichever node runs them.
+async fn projection_delays(bases: &[String]) -> Value {
+    let http = reqwest::Client::new();
+    let mut models = serde_json::Map::new();
+    for base in bases {
+        let Ok(response) = http.get(format!("{base}/metrics")).send().await else { continue };
+        let Ok(text) = response.text().await else { continue };
+        for line in text.lines().filter(|l| l.starts_with("privcomm_projection_delay_seconds{")) {
+            let Some((labels, value)) = line.split_once("} ") else { continue };
+            let model = labels.split("model=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default();
+            let quantile = labels.split("quantile=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default();
+            let entry = models.entry(model.to_owned()).or_insert_with(|| json!({}));
+            let key = match quantile {
+                "0.5" => "p50",
+                "0.99" => "p99",
+                "1" | "1.0" => "max",
+                _ => continue,
+            };
+            entry[key] = json!(value.trim().parse::<f64>().unwrap_or_default());
+        }
+    }
+    Value::Object(models)
 }

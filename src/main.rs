@@ -25,6 +25,8 @@ enum Command {
     BenchStore(privcomm::bench::BenchArgs),
     /// Benchmark bundle fetches and registrations through the API (see docs/BENCHMARKS.md).
     BenchApi(privcomm::bench_api::BenchApiArgs),
+    /// Replay benchmark: fill a log, time `privcomm replay` over it (see docs/BENCHMARKS.md).
+    BenchReplay(privcomm::bench_replay::BenchReplayArgs),
     /// Relay load run: nodes, clients, open-loop messages (see docs/BENCHMARKS.md).
     Loadgen(privcomm::loadgen::LoadgenArgs),
     /// Rebuild every read model from the log, verify the chain, compare with the live models.
@@ -101,6 +103,10 @@ async fn main() -> std::process::ExitCode {
             // Request logs would drown the figures and cost CPU the benchmark measures.
             init_logging_with(LogFormat::Text, "warn");
             privcomm::bench_api::run(args).await
+        }
+        Command::BenchReplay(args) => {
+            init_logging_with(LogFormat::Text, "warn");
+            privcomm::bench_replay::run(args).await
         }
         Command::Loadgen(args) => {
             init_logging_with(LogFormat::Text, "warn");

@@ -87,7 +87,48 @@ pub fn plan(
         model.apply(&decoded.event, decoded.domain.as_ref(), &mut ops);
         at = decoded.event.position;
     }
-    Ok((at != checkpoint).then_some((ops, at)))
+    Ok((at != checkpoint).then_some((merge_tallies(ops), at)))
+}
+
+/// Counters add up in any order: where every op on a table is a tally, one
+/// tally per key and column does what all of them did — one statement where
+/// a batch of 1,000 events would otherwise run 1,000.
+fn merge_tallies(ops: Vec<Op>) -> Vec<Op> {
+    let not_only_tallies: std::collections::HashSet<&'static str> =
+        ops.iter().filter(|op| !matches!(op, Op::Tally { .. })).map(|op| op_table(op).name).collect();
+    let mut merged: Vec<Op> = Vec::with_capacity(ops.len());
+    let mut index: HashMap<(&'static str, Vec<Value>, &'static str), usize> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::Tally { table, key, column, by } if !not_only_tallies.contains(table.name) => {
+                match index.get(&(table.name, key.clone(), column)) {
+                    Some(&at) => {
+                        if let Op::Tally { by: total, .. } = &mut merged[at] {
+                            *total += by;
+                        }
+                    }
+                    None => {
+                        index.insert((table.name, key.clone(), column), merged.len());
+                        merged.push(Op::Tally { table, key, column, by });
+                    }
+                }
+            }
+            other => merged.push(other),
+        }
+    }
+    merged
+}
+
+fn op_table(op: &Op) -> &'static Table {
+    match op {
+        Op::Upsert { table, .. }
+        | Op::Update { table, .. }
+        | Op::SetIfNull { table, .. }
+        | Op::Increment { table, .. }
+        | Op::Tally { table, .. }
+        | Op::Delete { table, .. }
+        | Op::DeleteWhere { table, .. } => table,
+    }
 }
 
 /// Storage for read models and their checkpoints.
@@ -517,5 +558,88 @@ impl ReadStore for SqlReadStore {
             tx.commit().await?;
             Ok(ModelSnapshot { checkpoint: Position(stored.unwrap_or(0) as u64), tables })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{self, EVENT_COUNTS, MAILBOX};
+    use privcomm_domain::events::Bytes;
+    use privcomm_domain::memory::InMemoryEventStore;
+    use privcomm_domain::{AppendRequest, EventStore as _, ExpectedVersion, MessageId, StreamId, UserId};
+
+    async fn log_with_messages(n: u128) -> Vec<Decoded> {
+        let clock = std::sync::Arc::new(privcomm_domain::clock::ManualClock::new(privcomm_domain::Timestamp(1_000)));
+        let store = InMemoryEventStore::new(clock);
+        for i in 0..n {
+            let recipient = UserId(uuid::Uuid::from_u128(i % 3 + 1));
+            let accepted = DomainEvent::MessageAccepted {
+                message_id: MessageId(uuid::Uuid::from_u128(100 + i)),
+                sender: UserId(uuid::Uuid::from_u128(9)),
+                recipient,
+                kind: "whisper".into(),
+                body: Bytes(vec![i as u8; 10]),
+            };
+            let mut events = vec![accepted];
+            if i % 2 == 0 {
+                events.push(DomainEvent::MessageDelivered {
+                    message_id: MessageId(uuid::Uuid::from_u128(100 + i)),
+                    recipient,
+                });
+            }
+            let events = events
+                .iter()
+                .map(|e| {
+                    e.to_new_event(privcomm_domain::mailbox::event_id(e).expect("mailbox event")).expect("encodes")
+                })
+                .collect();
+            let request =
+                AppendRequest { stream_id: StreamId::for_mailbox(recipient), expected: ExpectedVersion::Any, events };
+            store.append(request).await.expect("appends");
+        }
+        let events = store.read_all(Position::START, 10_000).await.expect("reads");
+        events.into_iter().map(|e| Decoded::new(e).expect("decodes")).collect()
+    }
+
+    #[tokio::test]
+    async fn batches_of_any_size_and_redeliveries_give_the_same_rows() {
+        let log = log_with_messages(30).await;
+        let whole = MemoryReadStore::default();
+        for model in models::all() {
+            whole.apply_batch(model.as_ref(), &log).await.expect("applies");
+        }
+        let piecewise = MemoryReadStore::default();
+        for model in models::all() {
+            // Overlapping chunks: each event after the first chunk is delivered twice.
+            for start in (0..log.len()).step_by(7) {
+                let end = (start + 10).min(log.len());
+                piecewise.apply_batch(model.as_ref(), &log[..end][start..]).await.expect("applies");
+            }
+        }
+        for table in [&MAILBOX, &EVENT_COUNTS] {
+            assert_eq!(whole.checksum(table).await.expect("sum"), piecewise.checksum(table).await.expect("sum"));
+        }
+        assert_eq!(whole.rows(&MAILBOX).iter().filter(|r| r[7] == Value::Null(KindTag::Text)).count(), 15);
+        assert_eq!(
+            whole.rows(&EVENT_COUNTS),
+            vec![
+                vec![Value::text("MessageAccepted"), Value::Int(30)],
+                vec![Value::text("MessageDelivered"), Value::Int(15)],
+            ]
+        );
+        // A batch that skips an event is refused.
+        let gap = MemoryReadStore::default();
+        let error = gap.apply_batch(&models::EventCounts, &log[1..]).await.expect_err("gap");
+        assert!(matches!(error, ProjectionError::Gap { next: Position(2), .. }), "{error}");
+    }
+
+    #[test]
+    fn tallies_merge_only_where_nothing_else_touches_their_table() {
+        let tally = |by| Op::Tally { table: &EVENT_COUNTS, key: vec![Value::text("x")], column: "events", by };
+        assert_eq!(merge_tallies(vec![tally(1), tally(2), tally(3)]), vec![tally(6)]);
+        let delete = Op::Delete { table: &EVENT_COUNTS, key: vec![Value::text("x")] };
+        let mixed = vec![tally(1), delete.clone(), tally(2)];
+        assert_eq!(merge_tallies(mixed.clone()), mixed, "order matters when the table sees other ops");
     }
 }
