@@ -247,13 +247,20 @@ pub async fn run(
         config.retention_compact_at,
         config.ciphertext_grace,
     );
-    let projector = crate::projector::ProjectorSetup::new(
+    let mut projector = crate::projector::ProjectorSetup::new(
         read_db.clone(),
         links.feed.clone(),
         store.clone(),
         Arc::new(SystemClock),
     )
-    .with_retention(read_db, policy, schedule);
+    .with_retention(read_db.clone(), policy, schedule);
+    match config.checkpoint_signer() {
+        Some(signer) => {
+            projector =
+                projector.with_checkpoints(read_db, signer, config.checkpoint_every_events, config.checkpoint_interval);
+        }
+        None => tracing::info!("CHECKPOINT_SIGNING_KEY is not set: the log's head is not signed"),
+    }
     let projection_metrics = projector.metrics.clone();
     let projection = match Backend::of_url(&config.database_url) {
         // One projector per cluster, like the outbox.

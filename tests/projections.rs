@@ -244,6 +244,19 @@ async fn a_mixed_workload_replays_to_identical_read_models_and_compaction_leaves
     for model in models::all() {
         assert!(output.contains(model.name()), "model {} was not compared:\n{output}", model.name());
     }
+    // A live read model that differs from the log is reported, and fails the replay.
+    let forge = "UPDATE rm_push_tokens SET token = 'someone-else'";
+    match &db {
+        ReadDb::Postgres(pool) => {
+            sqlx::query(forge).execute(pool).await?;
+        }
+        ReadDb::Sqlite(pool) => {
+            sqlx::query(forge).execute(pool).await?;
+        }
+    }
+    let differs = privcomm(&["replay", "--database-url", &api.database_url])?;
+    assert!(!differs.status.success(), "a forged read model passed:\n{}", text(&differs));
+    assert!(text(&differs).contains("DIFFERENT") && text(&differs).contains("rm_push_tokens"), "{}", text(&differs));
 
     // An export verifies offline, and replays on its own.
     let dir = support::TempDir::new();
@@ -338,7 +351,10 @@ async fn a_worker_killed_mid_batch_applies_every_event_exactly_once(mode: Mode) 
     let db = privcomm::projector::open_read_db(&url).await?;
     let node = || {
         let mut command = support::node::privcomm(&dir);
-        command.env("DATABASE_URL", &url);
+        command
+            .env("DATABASE_URL", &url)
+            .env("CHECKPOINT_SIGNING_KEY", "2f".repeat(32))
+            .env("CHECKPOINT_EVERY_EVENTS", "5000");
         if matches!(mode, Mode::Cluster) {
             command.env("NATS_URL", support::nats_url()).env("NATS_STREAM", &stream);
         }
@@ -373,7 +389,32 @@ async fn a_worker_killed_mid_batch_applies_every_event_exactly_once(mode: Mode) 
         assert!(std::time::Instant::now() < deadline, "the read model never caught up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The serving process reports the workers' lag, and has signed checkpoints of the log.
+    let metrics = reqwest::get(format!("http://{}/metrics", server.address)).await?.text().await?;
+    for model in models::all() {
+        let line = format!("privcomm_projection_lag_events{{model=\"{}\"}}", model.name());
+        assert!(metrics.contains(&line), "{line} missing from /metrics:\n{metrics}");
+    }
+    assert!(metrics.contains("privcomm_projection_delay_seconds{model=\"event_counts\",quantile=\"0.99\"}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let signed = loop {
+        let signed = privcomm_projections::checkpoints::all(&db).await?;
+        if signed.last().is_some_and(|c| c.position.0 == head) || std::time::Instant::now() > deadline {
+            break signed;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(signed.len() >= 2, "a checkpoint every 5,000 events: {signed:?}");
     drop(server);
+    let (log, checkpoints) = (dir.path.join("log.ndjson"), dir.path.join("checkpoints.ndjson"));
+    let (log, checkpoints) = (log.to_str().ok_or("path")?, checkpoints.to_str().ok_or("path")?);
+    assert!(privcomm(&["export", "--database-url", &url, "--output", log])?.status.success());
+    assert!(privcomm(&["audit", "checkpoints", "--database-url", &url, "--output", checkpoints])?.status.success());
+    let public_key =
+        privcomm_projections::checkpoints::CheckpointSigner::from_hex_seed(&"2f".repeat(32))?.public_key_hex();
+    let verified = privcomm(&["audit", "verify", log, "--checkpoints", checkpoints, "--public-key", &public_key])?;
+    assert!(verified.status.success(), "{}", text(&verified));
+    assert!(text(&verified).contains(&format!("{} signed checkpoints matched", signed.len())), "{}", text(&verified));
     let mut in_log = HashMap::new();
     let mut after = Position(0);
     loop {
@@ -570,6 +611,9 @@ async fn retention_boundaries_are_exact_on_both_sides(mode: Mode) -> TestResult 
     assert_eq!(retention.drop_settled_ciphertext().await?, 1, "grace plus 1 s drops it");
     projection.caught_up(api.store.as_ref()).await?;
     assert_eq!(payloads_containing(&api, &b64(b"undelivered")).await?, 0);
+    let run_now = privcomm(&["retention", "run-now", "--database-url", &api.database_url])?;
+    assert!(run_now.status.success(), "{}", text(&run_now));
+    assert!(text(&run_now).contains("0 messages expired"), "{}", text(&run_now));
     projection.stop().await;
     api.shutdown().await;
     Ok(())
