@@ -340,6 +340,17 @@ impl Dialect {
             Dialect::Sqlite => "?".to_owned(),
         }
     }
+
+    fn type_of(self, kind: Kind) -> &'static str {
+        match (self, kind) {
+            (Dialect::Postgres, Kind::Int) => "bigint",
+            (Dialect::Postgres, Kind::Text) => "text",
+            (Dialect::Postgres, Kind::Bytes) => "bytea",
+            (Dialect::Sqlite, Kind::Int) => "INTEGER",
+            (Dialect::Sqlite, Kind::Text) => "TEXT",
+            (Dialect::Sqlite, Kind::Bytes) => "BLOB",
+        }
+    }
 }
 
 fn key_condition(table: &Table, key_len: usize, first: usize, d: Dialect) -> String {
@@ -361,38 +372,183 @@ const MAX_PARAMETERS: usize = 2_000;
 /// wins, as it would one statement at a time (and PostgreSQL refuses one
 /// statement that touches a row twice).
 pub fn statements(ops: &[Op], d: Dialect) -> Vec<(String, Vec<Value>)> {
+    let ops = fold_into_upserts(ops);
     let mut out = Vec::new();
-    let mut at = 0;
-    while at < ops.len() {
-        let Op::Upsert { table, .. } = &ops[at] else {
-            out.push(statement(&ops[at], d));
-            at += 1;
-            continue;
-        };
-        let mut end = at;
-        while matches!(ops.get(end), Some(Op::Upsert { table: t, .. }) if t.name == table.name) {
-            end += 1;
-        }
-        let mut last_for_key: HashMap<&[Value], usize> = HashMap::new();
-        for (i, op) in ops[at..end].iter().enumerate() {
-            if let Op::Upsert { row, .. } = op {
-                last_for_key.insert(&row[..table.key_len], i);
+    // Ops that each address one whole key, all keys distinct: they commute,
+    // so a segment of them is written grouped by kind and table.
+    let mut segment: Vec<&Op> = Vec::new();
+    let mut seen: std::collections::HashSet<(&'static str, &[Value])> = std::collections::HashSet::new();
+    for op in &ops {
+        match exact_key(op) {
+            Some(key) if seen.insert(key) => segment.push(op),
+            Some(key) => {
+                flush_segment(&mut segment, &mut out, d);
+                seen.clear();
+                seen.insert(key);
+                segment.push(op);
+            }
+            None => {
+                flush_segment(&mut segment, &mut out, d);
+                seen.clear();
+                out.push(statement(op, d));
             }
         }
-        let rows: Vec<&Vec<Value>> = ops[at..end]
-            .iter()
-            .enumerate()
-            .filter_map(|(i, op)| match op {
-                Op::Upsert { row, .. } if last_for_key.get(&row[..table.key_len]) == Some(&i) => Some(row),
-                _ => None,
-            })
-            .collect();
+    }
+    flush_segment(&mut segment, &mut out, d);
+    out
+}
+
+/// The table and full key an op addresses, if it addresses exactly one key.
+fn exact_key(op: &Op) -> Option<(&'static str, &[Value])> {
+    match op {
+        Op::Upsert { table, row } => Some((table.name, &row[..table.key_len])),
+        Op::Update { table, key, .. }
+        | Op::SetIfNull { table, key, .. }
+        | Op::Increment { table, key, .. }
+        | Op::Tally { table, key, .. }
+        | Op::Delete { table, key }
+            if key.len() == table.key_len =>
+        {
+            Some((table.name, key.as_slice()))
+        }
+        _ => None,
+    }
+}
+
+/// Applies updates, increments and set-if-null to a row upserted earlier in
+/// the same batch, so the pair is one row written once (an accepted message
+/// acked before its batch was applied is never written as pending).
+fn fold_into_upserts(ops: &[Op]) -> Vec<Op> {
+    let mut out: Vec<Op> = Vec::with_capacity(ops.len());
+    let mut upserted: HashMap<(&'static str, Vec<Value>), usize> = HashMap::new();
+    for op in ops {
+        let found = match op {
+            Op::Update { table, key, .. } | Op::Increment { table, key, .. } | Op::SetIfNull { table, key, .. } => {
+                upserted.get(&(table.name, key.clone())).copied()
+            }
+            _ => None,
+        };
+        if let Some(at) = found
+            && let Op::Upsert { table, row } = &mut out[at]
+        {
+            match op {
+                Op::Update { set, .. } => {
+                    for (column, value) in set {
+                        row[column_index(table, column)] = value.clone();
+                    }
+                }
+                Op::Increment { column, by, .. } => {
+                    if let Value::Int(current) = &mut row[column_index(table, column)] {
+                        *current += by;
+                    }
+                }
+                Op::SetIfNull { column, value, .. } => {
+                    let cell = &mut row[column_index(table, column)];
+                    if matches!(cell, Value::Null(_)) {
+                        *cell = value.clone();
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match op {
+            Op::Upsert { table, row } => {
+                upserted.insert((table.name, row[..table.key_len].to_vec()), out.len());
+            }
+            // Anything else that may touch upserted rows ends folding into them.
+            Op::Delete { table, .. } | Op::DeleteWhere { table, .. } | Op::Tally { table, .. } => {
+                upserted.retain(|(name, _), _| *name != table.name);
+            }
+            _ => {}
+        }
+        out.push(op.clone());
+    }
+    out
+}
+
+/// Writes a segment of single-key ops on distinct keys: upserts as
+/// multi-row inserts, updates of the same columns as multi-row updates,
+/// the rest one by one.
+fn flush_segment(segment: &mut Vec<&Op>, out: &mut Vec<(String, Vec<Value>)>, d: Dialect) {
+    let mut upserts: Vec<(&'static Table, Vec<&Vec<Value>>)> = Vec::new();
+    let mut updates: Vec<(&'static Table, Vec<&'static str>, Vec<UpdateRow<'_>>)> = Vec::new();
+    let mut rest = Vec::new();
+    for op in segment.drain(..) {
+        match op {
+            Op::Upsert { table, row } => match upserts.iter_mut().find(|(t, _)| t.name == table.name) {
+                Some((_, rows)) => rows.push(row),
+                None => upserts.push((table, vec![row])),
+            },
+            Op::Update { table, key, set } => {
+                let columns: Vec<&'static str> = set.iter().map(|(c, _)| *c).collect();
+                let values: Vec<&Value> = set.iter().map(|(_, v)| v).collect();
+                match updates.iter_mut().find(|(t, c, _)| t.name == table.name && *c == columns) {
+                    Some((_, _, rows)) => rows.push((key, values)),
+                    None => updates.push((table, columns, vec![(key, values)])),
+                }
+            }
+            other => rest.push(other),
+        }
+    }
+    for (table, rows) in upserts {
         for chunk in rows.chunks((MAX_PARAMETERS / table.columns.len()).max(1)) {
             out.push(multi_row_upsert(table, chunk, d));
         }
-        at = end;
     }
-    out
+    for (table, columns, rows) in updates {
+        let width = table.key_len + columns.len();
+        for chunk in rows.chunks((MAX_PARAMETERS / width).max(1)) {
+            out.push(multi_row_update(table, &columns, chunk, d));
+        }
+    }
+    out.extend(rest.into_iter().map(|op| statement(op, d)));
+}
+
+/// One row of a multi-row update: its key, and the new values of the updated columns.
+type UpdateRow<'a> = (&'a Vec<Value>, Vec<&'a Value>);
+
+fn multi_row_update(
+    table: &'static Table,
+    columns: &[&'static str],
+    rows: &[UpdateRow<'_>],
+    d: Dialect,
+) -> (String, Vec<Value>) {
+    if let [(key, values)] = rows {
+        let set = columns.iter().zip(values).map(|(c, v)| (*c, (*v).clone())).collect();
+        return statement(&Op::Update { table, key: (*key).clone(), set }, d);
+    }
+    let kinds: Vec<Kind> = table
+        .key()
+        .iter()
+        .map(|c| c.kind)
+        .chain(columns.iter().map(|c| table.column(c).map_or(Kind::Text, |c| c.kind)))
+        .collect();
+    let width = kinds.len();
+    let tuples: Vec<String> = (0..rows.len())
+        .map(|r| {
+            let cells: Vec<String> = kinds
+                .iter()
+                .enumerate()
+                .map(|(c, kind)| format!("CAST({} AS {})", d.param(r * width + c + 1), d.type_of(*kind)))
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect();
+    let names: Vec<&str> = table.key().iter().map(|c| c.name).chain(columns.iter().copied()).collect();
+    let assignments: Vec<String> = columns.iter().map(|c| format!("{c} = v.{c}")).collect();
+    let matches: Vec<String> = table.key().iter().map(|c| format!("{0}.{1} = v.{1}", table.name, c.name)).collect();
+    let sql = format!(
+        "WITH v ({}) AS (VALUES {}) UPDATE {} SET {} FROM v WHERE {}",
+        names.join(", "),
+        tuples.join(", "),
+        table.name,
+        assignments.join(", "),
+        matches.join(" AND ")
+    );
+    let values =
+        rows.iter().flat_map(|(key, set)| key.iter().cloned().chain(set.iter().map(|v| (*v).clone()))).collect();
+    (sql, values)
 }
 
 fn multi_row_upsert(table: &Table, rows: &[&Vec<Value>], d: Dialect) -> (String, Vec<Value>) {
@@ -726,17 +882,45 @@ mod tests {
     }
 
     #[test]
-    fn runs_of_upserts_become_multi_row_statements_where_the_last_row_for_a_key_wins() {
+    fn single_key_ops_on_distinct_keys_are_grouped_and_a_repeated_key_keeps_its_order() {
         let row =
             |key: &str, value: i64| Op::Upsert { table: &EVENT_COUNTS, row: vec![Value::text(key), Value::Int(value)] };
         let delete = Op::Delete { table: &EVENT_COUNTS, key: vec![Value::text("b")] };
         let ops = vec![row("a", 1), row("b", 2), row("a", 3), delete, row("c", 4)];
-        let statements = statements(&ops, Dialect::Postgres);
-        assert_eq!(statements.len(), 3);
-        assert!(statements[0].0.contains("VALUES ($1, $2), ($3, $4) ON CONFLICT (event_type)"), "{}", statements[0].0);
-        assert_eq!(statements[0].1, vec![Value::text("b"), Value::Int(2), Value::text("a"), Value::Int(3)]);
-        assert!(statements[1].0.starts_with("DELETE FROM rm_event_counts"));
-        assert_eq!(statements[2].1, vec![Value::text("c"), Value::Int(4)]);
+        let written = statements(&ops, Dialect::Postgres);
+        assert_eq!(written.len(), 3, "{written:?}");
+        assert!(written[0].0.contains("VALUES ($1, $2), ($3, $4) ON CONFLICT (event_type)"), "{}", written[0].0);
+        assert_eq!(written[0].1, vec![Value::text("a"), Value::Int(1), Value::text("b"), Value::Int(2)]);
+        assert_eq!(written[1].1, vec![Value::text("a"), Value::Int(3), Value::text("c"), Value::Int(4)]);
+        assert!(written[2].0.starts_with("DELETE FROM rm_event_counts"));
+        assert!(statements(&ops, Dialect::Sqlite)[0].0.contains("VALUES (?, ?), (?, ?)"));
+    }
+
+    #[test]
+    fn an_update_of_a_row_upserted_in_the_same_batch_is_folded_into_it() {
+        let key = vec![Value::text("r"), Value::text("m")];
+        let mut row = key.clone();
+        row.extend([Value::Int(5), Value::text("s"), Value::text("k"), Value::Int(9), Value::Int(1)]);
+        row.extend([Value::Null(KindTag::Text), Value::Null(KindTag::Int)]);
+        let settle = vec![("settled", Value::text("delivered")), ("settled_at_us", Value::Int(2))];
+        let other = vec![Value::text("r"), Value::text("n")];
+        let ops = vec![
+            Op::Upsert { table: &MAILBOX, row: row.clone() },
+            Op::Update { table: &MAILBOX, key: other.clone(), set: settle.clone() },
+            Op::Update { table: &MAILBOX, key: key.clone(), set: settle.clone() },
+        ];
+        let folded = fold_into_upserts(&ops);
+        let mut settled = row;
+        settled[7] = Value::text("delivered");
+        settled[8] = Value::Int(2);
+        assert_eq!(folded, vec![Op::Upsert { table: &MAILBOX, row: settled }, ops[1].clone()]);
+        let two = statements(&[ops[1].clone(), Op::Update { table: &MAILBOX, key, set: settle }], Dialect::Postgres);
+        assert_eq!(two.len(), 1);
+        assert!(
+            two[0].0.starts_with("WITH v (recipient, message_id, settled, settled_at_us) AS (VALUES (CAST($1 AS text)"),
+            "{}",
+            two[0].0
+        );
     }
 
     #[test]
