@@ -275,7 +275,14 @@ impl privcomm_projections::worker::Feed for NatsFeed {
             })
             .await
             .map_err(transport)?;
-        let messages = durable.messages().await.map_err(transport)?;
+        // Pull as many as a worker batch takes, so a worker that fell behind catches up in big batches.
+        let messages = durable
+            .stream()
+            .max_messages_per_batch(privcomm_projections::worker::MAX_BATCH)
+            .heartbeat(Duration::from_secs(15))
+            .messages()
+            .await
+            .map_err(transport)?;
         Ok(messages
             .map(|message| {
                 let message = message.map_err(transport)?;
