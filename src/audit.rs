@@ -299,8 +299,8 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let report: ReplayReport = match &args.from {
         Some(file) => {
             let reader = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-            let mut source = NdjsonSource::new(std::io::BufReader::new(reader), args.page);
-            privcomm_projections::replay::replay(&mut source, &target_store, &all, &limits, |n, p| progress.show(n, p))
+            let source = Box::new(NdjsonSource::new(std::io::BufReader::new(reader), args.page));
+            privcomm_projections::replay::replay(source, &target_store, &all, &limits, |n, p| progress.show(n, p))
                 .await?
         }
         None => {
@@ -316,8 +316,8 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
                     live_snapshots.push((model.clone(), snapshot));
                 }
             }
-            let mut source = StoreSource::new(store, args.page, Some(head));
-            privcomm_projections::replay::replay(&mut source, &target_store, &all, &limits, |n, p| progress.show(n, p))
+            let source = Box::new(StoreSource::new(store, args.page, Some(head)));
+            privcomm_projections::replay::replay(source, &target_store, &all, &limits, |n, p| progress.show(n, p))
                 .await?
         }
     };

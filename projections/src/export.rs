@@ -62,7 +62,7 @@ impl<R: BufRead> NdjsonSource<R> {
 }
 
 #[async_trait]
-impl<R: BufRead + Send> EventSource for NdjsonSource<R> {
+impl<R: BufRead + Send + 'static> EventSource for NdjsonSource<R> {
     async fn next_page(&mut self) -> Result<Vec<RecordedEvent>, SourceError> {
         let mut page = Vec::with_capacity(self.page);
         while page.len() < self.page {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Where a replay reads events from, a page at a time, in position order.
 #[async_trait]
-pub trait EventSource: Send {
+pub trait EventSource: Send + 'static {
     /// The next page; empty at the end.
     async fn next_page(&mut self) -> Result<Vec<RecordedEvent>, SourceError>;
 }
@@ -219,44 +219,68 @@ pub struct ReplayReport {
 /// model that is there); the chain is verified to the end regardless.
 /// `progress` is called after every page with the events done so far and
 /// the last position.
+///
+/// Reading, checking and decoding run on a task of their own, a page or two
+/// ahead of the writes: the two halves take about the same time, and a
+/// replay has a core for each.
 pub async fn replay(
-    source: &mut dyn EventSource,
+    mut source: Box<dyn EventSource>,
     target: &dyn ReadStore,
     models: &[Arc<dyn ReadModel>],
     limits: &HashMap<&'static str, Position>,
     mut progress: impl FnMut(u64, Position) + Send,
 ) -> Result<ReplayReport, crate::store::ProjectionError> {
-    let mut auditor = LogAuditor::default();
-    let mut head = Position::START;
-    let mut fault = None;
-    'pages: loop {
-        let page = match source.next_page().await {
-            Ok(page) => page,
-            Err(SourceError::Unreadable { after, reason }) => {
-                fault = Some(Fault { position: after.next(), reason: format!("unreadable: {reason}") });
+    let (pages, mut received) = tokio::sync::mpsc::channel::<Vec<Decoded>>(2);
+    let reader = tokio::spawn(async move {
+        let mut auditor = LogAuditor::default();
+        let mut fault = None;
+        let mut io_error = None;
+        'pages: loop {
+            let page = match source.next_page().await {
+                Ok(page) => page,
+                Err(SourceError::Unreadable { after, reason }) => {
+                    fault = Some(Fault { position: after.next(), reason: format!("unreadable: {reason}") });
+                    break;
+                }
+                Err(SourceError::Io(reason)) => {
+                    io_error = Some(reason);
+                    break;
+                }
+            };
+            if page.is_empty() {
                 break;
             }
-            Err(SourceError::Io(reason)) => return Err(crate::store::ProjectionError::Storage(reason.into())),
-        };
-        if page.is_empty() {
-            break;
-        }
-        let mut batch = Vec::with_capacity(page.len());
-        for event in page {
-            match auditor.check(event) {
-                Ok(decoded) => batch.push(decoded),
-                Err(found) => {
-                    fault = Some(found);
-                    apply(target, models, limits, &batch).await?;
-                    break 'pages;
+            let mut batch = Vec::with_capacity(page.len());
+            for event in page {
+                match auditor.check(event) {
+                    Ok(decoded) => batch.push(decoded),
+                    Err(found) => {
+                        fault = Some(found);
+                        let _ = pages.send(batch).await;
+                        break 'pages;
+                    }
                 }
             }
+            if pages.send(batch).await.is_err() {
+                break; // the writer failed; its error is what gets reported
+            }
         }
+        (auditor, fault, io_error)
+    });
+    let mut head = Position::START;
+    let mut done = 0u64;
+    while let Some(batch) = received.recv().await {
+        apply(target, models, limits, &batch).await?;
         if let Some(last) = batch.last() {
             head = last.event.position;
         }
-        apply(target, models, limits, &batch).await?;
-        progress(auditor.events(), head);
+        done += batch.len() as u64;
+        progress(done, head);
+    }
+    let (auditor, mut fault, io_error) =
+        reader.await.map_err(|e| crate::store::ProjectionError::Storage(Box::new(e)))?;
+    if let Some(reason) = io_error {
+        return Err(crate::store::ProjectionError::Storage(reason.into()));
     }
     if fault.is_none() {
         fault = auditor.finish().err();
