@@ -39,9 +39,8 @@ pub async fn open_log(url: &str) -> anyhow::Result<Arc<dyn LogStore>> {
             Ok(Arc::new(crate::eventstore::postgres::PostgresEventStore::open(pool, clock).await?))
         }
         Some(Backend::Sqlite) => {
-            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
-            let path = path.split('?').next().unwrap_or(path);
-            anyhow::ensure!(std::path::Path::new(path).exists(), "no database at {path} (DATABASE_URL={url})");
+            let path = crate::serve::sqlite_path(url);
+            anyhow::ensure!(path.exists(), "no database at {} (DATABASE_URL={url})", path.display());
             let (readers, writer) = crate::eventstore::sqlite::connect_pools(url).await.context("opening SQLite")?;
             Ok(Arc::new(crate::eventstore::sqlite::SqliteEventStore::open(readers, writer, clock).await?))
         }
@@ -389,18 +388,8 @@ async fn open_replay_target(url: &str) -> anyhow::Result<ReadDb> {
         }
         None => anyhow::bail!("--into must start with sqlite: or postgres://"),
     };
-    let used: i64 = match &db {
-        ReadDb::Sqlite(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE name LIKE 'projection:%' AND position > 0")
-                .fetch_one(pool)
-                .await?
-        }
-        ReadDb::Postgres(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE name LIKE 'projection:%' AND position > 0")
-                .fetch_one(pool)
-                .await?
-        }
-    };
+    let sql = "SELECT count(*) FROM checkpoints WHERE name LIKE 'projection:%' AND position > 0";
+    let used: i64 = privcomm_projections::on_db!(&db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
     anyhow::ensure!(used == 0, "{url} already holds read models; replay needs an empty database");
     Ok(db)
 }

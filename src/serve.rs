@@ -78,7 +78,7 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
 }
 
 /// `sqlite:data/privcomm.db` or `sqlite://data/privcomm.db?mode=rwc` → `data/privcomm.db`.
-fn sqlite_path(url: &str) -> PathBuf {
+pub(crate) fn sqlite_path(url: &str) -> PathBuf {
     let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
     PathBuf::from(path.split('?').next().unwrap_or(path))
 }

@@ -10,6 +10,7 @@ mod support;
 use base64::Engine as _;
 use privcomm_domain::Position;
 use privcomm_projections::models::{self, EVENT_COUNTS};
+use privcomm_projections::on_db;
 use privcomm_projections::retention::{Retention, RetentionPolicy};
 use privcomm_projections::store::{ReadDb, ReadStore as _};
 use serde_json::json;
@@ -94,20 +95,12 @@ async fn send_many(
 /// How many stored payloads contain `needle`.
 async fn payloads_containing(api: &TestApi, needle: &[u8]) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
     let db = privcomm::projector::open_read_db(&api.database_url).await?;
-    Ok(match db {
-        ReadDb::Postgres(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE position($1::bytea IN payload) > 0")
-                .bind(needle)
-                .fetch_one(&pool)
-                .await?
-        }
-        ReadDb::Sqlite(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE instr(payload, $1) > 0")
-                .bind(needle)
-                .fetch_one(&pool)
-                .await?
-        }
-    })
+    // The one query here that differs by backend: a byte search in a blob.
+    let sql = match db {
+        ReadDb::Postgres(_) => "SELECT count(*) FROM events WHERE position($1::bytea IN payload) > 0",
+        ReadDb::Sqlite(_) => "SELECT count(*) FROM events WHERE instr(payload, $1) > 0",
+    };
+    Ok(on_db!(&db, pool => sqlx::query_scalar(sql).bind(needle).fetch_one(pool).await?))
 }
 
 fn b64(bytes: &[u8]) -> Vec<u8> {
@@ -227,14 +220,7 @@ async fn a_mixed_workload_replays_to_identical_read_models_and_compaction_leaves
     projection.caught_up(api.store.as_ref()).await?;
 
     // The read models say so, and a replay rebuilds them identically.
-    let pending: i64 = match &db {
-        ReadDb::Postgres(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM rm_mailbox WHERE settled IS NULL").fetch_one(pool).await?
-        }
-        ReadDb::Sqlite(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM rm_mailbox WHERE settled IS NULL").fetch_one(pool).await?
-        }
-    };
+    let pending: i64 = on_db!(&db, pool => sqlx::query_scalar("SELECT count(*) FROM rm_mailbox WHERE settled IS NULL").fetch_one(pool).await?);
     assert_eq!(pending, 0);
     let replay = privcomm(&["replay", "--database-url", &api.database_url])?;
     let output = text(&replay);
@@ -246,14 +232,7 @@ async fn a_mixed_workload_replays_to_identical_read_models_and_compaction_leaves
     }
     // A live read model that differs from the log is reported, and fails the replay.
     let forge = "UPDATE rm_push_tokens SET token = 'someone-else'";
-    match &db {
-        ReadDb::Postgres(pool) => {
-            sqlx::query(forge).execute(pool).await?;
-        }
-        ReadDb::Sqlite(pool) => {
-            sqlx::query(forge).execute(pool).await?;
-        }
-    }
+    on_db!(&db, pool => sqlx::query(forge).execute(pool).await.map(|_| ())?);
     let differs = privcomm(&["replay", "--database-url", &api.database_url])?;
     assert!(!differs.status.success(), "a forged read model passed:\n{}", text(&differs));
     assert!(text(&differs).contains("DIFFERENT") && text(&differs).contains("rm_push_tokens"), "{}", text(&differs));
@@ -285,20 +264,14 @@ async fn a_mixed_workload_replays_to_identical_read_models_and_compaction_leaves
 
 async fn counts_in_model(db: &ReadDb) -> Result<HashMap<String, i64>, Box<dyn std::error::Error + Send + Sync>> {
     let sql = "SELECT event_type, events FROM rm_event_counts";
-    let rows: Vec<(String, i64)> = match db {
-        ReadDb::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
-        ReadDb::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
-    };
+    let rows: Vec<(String, i64)> = on_db!(db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
     Ok(rows.into_iter().collect())
 }
 
 /// A server process's read-model checkpoint, read from its database.
 async fn counter_checkpoint(db: &ReadDb) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
     let sql = "SELECT position FROM checkpoints WHERE name = 'projection:event_counts'";
-    let found: Option<i64> = match db {
-        ReadDb::Postgres(pool) => sqlx::query_scalar(sql).fetch_optional(pool).await?,
-        ReadDb::Sqlite(pool) => sqlx::query_scalar(sql).fetch_optional(pool).await?,
-    };
+    let found: Option<i64> = on_db!(db, pool => sqlx::query_scalar(sql).fetch_optional(pool).await?);
     Ok(found.unwrap_or(0) as u64)
 }
 
@@ -672,28 +645,17 @@ async fn a_rewritten_history_between_two_signed_checkpoints_is_detected(mode: Mo
     let db = privcomm::projector::open_read_db(&api.database_url).await?;
     for event in &events[target..] {
         let sql = "UPDATE events SET payload = $1, payload_hash = $2, prev_hash = $3, hash = $4 WHERE position = $5";
-        match &db {
-            ReadDb::Postgres(pool) => {
-                sqlx::query(sql)
-                    .bind(event.payload.as_deref())
-                    .bind(event.payload_hash.0.as_slice())
-                    .bind(event.prev_hash.0.as_slice())
-                    .bind(event.hash.0.as_slice())
-                    .bind(event.position.0 as i64)
-                    .execute(pool)
-                    .await?;
-            }
-            ReadDb::Sqlite(pool) => {
-                sqlx::query(sql)
-                    .bind(event.payload.as_deref())
-                    .bind(event.payload_hash.0.as_slice())
-                    .bind(event.prev_hash.0.as_slice())
-                    .bind(event.hash.0.as_slice())
-                    .bind(event.position.0 as i64)
-                    .execute(pool)
-                    .await?;
-            }
-        }
+        on_db!(&db, pool => {
+            sqlx::query(sql)
+                .bind(event.payload.as_deref())
+                .bind(event.payload_hash.0.as_slice())
+                .bind(event.prev_hash.0.as_slice())
+                .bind(event.hash.0.as_slice())
+                .bind(event.position.0 as i64)
+                .execute(pool)
+                .await
+                .map(|_| ())?
+        });
     }
     let rewritten = path("rewritten.ndjson");
     assert!(export(&rewritten)?.status.success());

@@ -163,16 +163,6 @@ impl CheckpointChecker {
     }
 }
 
-/// Runs the same body against whichever backend `db` is.
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            ReadDb::Postgres($pool) => $body,
-            ReadDb::Sqlite($pool) => $body,
-        }
-    };
-}
-
 /// Signs the log's head now and stores the checkpoint (unless the head is
 /// already signed or the log is empty). Returns what it signed.
 pub async fn sign_head(

@@ -10,6 +10,19 @@
 //! Architecture invariant: every read model rebuilds from the log. Nothing
 //! but a worker applying events writes a read-model table.
 
+/// Runs the same body against whichever backend a [`store::ReadDb`] is:
+/// `on_db!(db, pool => body)` binds `pool` to the PostgreSQL or SQLite pool.
+/// The statements privcomm writes for read models are the same text on both.
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::store::ReadDb::Postgres($pool) => $body,
+            $crate::store::ReadDb::Sqlite($pool) => $body,
+        }
+    };
+}
+
 pub mod checkpoints;
 pub mod export;
 pub mod models;

@@ -112,16 +112,6 @@ fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Runs the same body against whichever backend `db` is.
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            ReadDb::Postgres($pool) => $body,
-            ReadDb::Sqlite($pool) => $body,
-        }
-    };
-}
-
 impl Retention {
     /// Jobs on `log`, choosing from the read models in `read`.
     pub fn new(log: Arc<dyn EventStore>, read: ReadDb, clock: Arc<dyn Clock>, policy: RetentionPolicy) -> Retention {
@@ -339,11 +329,11 @@ impl Retention {
     async fn fold_user(&self, user: UserId) -> Result<(UserState, StreamVersion), RetentionError> {
         let mut state = UserState::default();
         let version = self
-            .fold(&StreamId::for_user(user), |recorded, event| {
+            .fold(&StreamId::for_user(user), |_, event| {
+                // A dropped upload: the PreKeysCompacted after it restates the pools.
                 if let Some(event) = event {
                     user::evolve(&mut state, event);
                 }
-                let _ = recorded;
             })
             .await?;
         Ok((state, version))

@@ -341,6 +341,15 @@ impl Dialect {
         }
     }
 
+    /// Locks the selected row until the transaction ends. SQLite has one
+    /// writer at a time, and the transaction's first write takes the lock.
+    fn lock_row(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        }
+    }
+
     fn type_of(self, kind: Kind) -> &'static str {
         match (self, kind) {
             (Dialect::Postgres, Kind::Int) => "bigint",
@@ -575,26 +584,7 @@ fn multi_row_upsert(table: &Table, rows: &[&Vec<Value>], d: Dialect) -> (String,
 /// The statement for an op and the values to bind, in order.
 pub fn statement(op: &Op, d: Dialect) -> (String, Vec<Value>) {
     match op {
-        Op::Upsert { table, row } => {
-            let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
-            let params: Vec<String> = (1..=columns.len()).map(|i| d.param(i)).collect();
-            let keys: Vec<&str> = table.key().iter().map(|c| c.name).collect();
-            let updates: Vec<String> =
-                table.columns[table.key_len..].iter().map(|c| format!("{0} = excluded.{0}", c.name)).collect();
-            let conflict = if updates.is_empty() {
-                "DO NOTHING".to_owned()
-            } else {
-                format!("DO UPDATE SET {}", updates.join(", "))
-            };
-            let sql = format!(
-                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {conflict}",
-                table.name,
-                columns.join(", "),
-                params.join(", "),
-                keys.join(", ")
-            );
-            (sql, row.clone())
-        }
+        Op::Upsert { table, row } => multi_row_upsert(table, &[row], d),
         Op::Update { table, key, set } => {
             let assignments: Vec<String> =
                 set.iter().enumerate().map(|(i, (column, _))| format!("{column} = {}", d.param(i + 1))).collect();
@@ -684,23 +674,6 @@ macro_rules! read_value {
     }};
 }
 
-/// Runs the same body against whichever backend `db` is.
-macro_rules! on_backend {
-    ($db:expr, $pool:ident, $lock:ident => $body:expr) => {
-        match $db {
-            ReadDb::Postgres($pool) => {
-                let $lock = " FOR UPDATE";
-                $body
-            }
-            ReadDb::Sqlite($pool) => {
-                // SQLite has one writer at a time: the transaction's first write takes the lock.
-                let $lock = "";
-                $body
-            }
-        }
-    };
-}
-
 /// Streams every row of a table through a checksum, on one connection.
 macro_rules! checksum_on {
     ($connection:expr, $table:expr) => {{
@@ -740,14 +713,14 @@ impl ReadStore for SqlReadStore {
             ReadDb::Postgres(_) => Dialect::Postgres,
             ReadDb::Sqlite(_) => Dialect::Sqlite,
         };
-        on_backend!(&self.db, pool, lock => {
+        on_db!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             let mut after = Vec::with_capacity(work.len());
             let mut changed = false;
             for (model, batch) in work {
                 let name = checkpoint_name(*model);
                 sqlx::query(ENSURE_CHECKPOINT).bind(&name).execute(&mut *tx).await?;
-                let select = format!("SELECT position FROM checkpoints WHERE name = $1{lock}");
+                let select = format!("SELECT position FROM checkpoints WHERE name = $1{lock}", lock = dialect.lock_row());
                 let stored: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(select)).bind(&name).fetch_one(&mut *tx).await?;
                 let checkpoint = Position(stored as u64);
                 let Some((ops, at)) = plan(*model, checkpoint, batch)? else {
@@ -773,14 +746,14 @@ impl ReadStore for SqlReadStore {
     async fn checkpoint(&self, model: &dyn ReadModel) -> Result<Position, ProjectionError> {
         let name = checkpoint_name(model);
         let sql = "SELECT position FROM checkpoints WHERE name = $1";
-        let stored: Option<i64> = on_backend!(&self.db, pool, _lock => {
+        let stored: Option<i64> = on_db!(&self.db, pool => {
             sqlx::query_scalar(sql).bind(&name).fetch_optional(pool).await?
         });
         Ok(Position(stored.unwrap_or(0) as u64))
     }
 
     async fn checksum(&self, table: &'static Table) -> Result<TableChecksum, ProjectionError> {
-        on_backend!(&self.db, pool, _lock => {
+        on_db!(&self.db, pool => {
             let mut connection = pool.acquire().await?;
             checksum_on!(&mut *connection, table)
         })
@@ -788,7 +761,7 @@ impl ReadStore for SqlReadStore {
 
     async fn snapshot(&self, model: &dyn ReadModel) -> Result<ModelSnapshot, ProjectionError> {
         let name = checkpoint_name(model);
-        on_backend!(&self.db, pool, _lock => {
+        on_db!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             if matches!(self.db, ReadDb::Postgres(_)) {
                 // One snapshot for the checkpoint and every table read after it.

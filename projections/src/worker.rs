@@ -316,16 +316,20 @@ impl Worker {
     /// Refreshes the lag figures: the head, and the age of the first event not applied.
     async fn look_at_head(&self) {
         let Ok(head) = self.log.head().await else { return };
+        // Models of one worker are usually at the same position: read each next event once.
+        let mut ages: std::collections::HashMap<Position, i64> = std::collections::HashMap::new();
         for status in &self.statuses {
             status.head.fetch_max(head.0, Ordering::Relaxed);
             let applied = status.applied();
-            let lag_us = if head > applied {
-                match self.log.read_all(applied, 1).await {
-                    Ok(next) => next.first().map_or(0, |e| (self.clock.now().0 - e.recorded_at.0).max(0)),
-                    Err(_) => return,
-                }
-            } else {
+            let lag_us = if head <= applied {
                 0
+            } else if let Some(age) = ages.get(&applied) {
+                *age
+            } else {
+                let Ok(next) = self.log.read_all(applied, 1).await else { return };
+                let age = next.first().map_or(0, |e| (self.clock.now().0 - e.recorded_at.0).max(0));
+                ages.insert(applied, age);
+                age
             };
             status.lag_us.store(lag_us, Ordering::Relaxed);
         }
