@@ -11,7 +11,7 @@ use privcomm_domain::events::DomainEvent;
 use privcomm_domain::{Position, StreamId, StreamVersion, UserId};
 use privcomm_projections::export::NdjsonSource;
 use privcomm_projections::models;
-use privcomm_projections::replay::{EventSource, LogAuditor, ReplayReport, StoreSource};
+use privcomm_projections::replay::{AuditOutcome, EventSource, StoreSource, audited_pages, default_parallelism};
 use privcomm_projections::store::{ReadDb, ReadStore, SqlReadStore};
 use std::collections::HashMap;
 use std::io::{IsTerminal as _, Write as _};
@@ -214,32 +214,29 @@ async fn verify(
     let mut checker =
         CheckpointChecker::new(signed, public_key).map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
     let reader = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let mut source = NdjsonSource::new(std::io::BufReader::new(reader), 5_000);
-    let mut auditor = LogAuditor::default();
+    let source = Box::new(NdjsonSource::new(std::io::BufReader::new(reader), 10_000));
     let started = Instant::now();
+    let (mut pages, auditing) = audited_pages(source, default_parallelism());
     let mut last = Position::START;
-    loop {
-        let page = match source.next_page().await {
-            Ok(page) => page,
-            Err(privcomm_projections::replay::SourceError::Unreadable { after, reason }) => {
-                anyhow::bail!("verification FAILED at position {}: unreadable: {reason}", after.next())
-            }
-            Err(error) => return Err(error.into()),
-        };
-        if page.is_empty() {
-            break;
-        }
-        for event in page {
-            last = event.position;
-            if let Err(fault) = checker.observe(&event) {
-                anyhow::bail!("verification FAILED at {fault}");
-            }
-            if let Err(fault) = auditor.check(event) {
-                anyhow::bail!("verification FAILED at {fault}");
+    let mut checkpoint_fault = None;
+    'pages: while let Some(page) = pages.recv().await {
+        for decoded in &page {
+            last = decoded.event.position;
+            if let Err(fault) = checker.observe(&decoded.event) {
+                checkpoint_fault = Some(fault);
+                break 'pages;
             }
         }
     }
-    if let Err(fault) = auditor.finish() {
+    drop(pages);
+    let AuditOutcome { auditor, fault, io_error } = auditing.await?;
+    if let Some(fault) = checkpoint_fault {
+        anyhow::bail!("verification FAILED at {fault}");
+    }
+    if let Some(reason) = io_error {
+        anyhow::bail!("reading {}: {reason}", file.display());
+    }
+    if let Some(fault) = fault.or_else(|| auditor.finish().err()) {
         anyhow::bail!("verification FAILED at {fault}");
     }
     let matched = checker.finish(last).map_err(|fault| anyhow::anyhow!("verification FAILED at {fault}"))?;
@@ -274,7 +271,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     no_compare: bool,
     /// Events per page.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 10_000)]
     page: usize,
 }
 
@@ -295,12 +292,10 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let mut live_snapshots = Vec::new();
     let started = Instant::now();
     let mut progress = Progress::new();
-    let report: ReplayReport = match &args.from {
+    let source: Box<dyn EventSource> = match &args.from {
         Some(file) => {
             let reader = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-            let source = Box::new(NdjsonSource::new(std::io::BufReader::new(reader), args.page));
-            privcomm_projections::replay::replay(source, &target_store, &all, &limits, |n, p| progress.show(n, p))
-                .await?
+            Box::new(NdjsonSource::new(std::io::BufReader::new(reader), args.page))
         }
         None => {
             let store = open_log(&args.log.database_url).await?;
@@ -315,11 +310,11 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
                     live_snapshots.push((model.clone(), snapshot));
                 }
             }
-            let source = Box::new(StoreSource::new(store, args.page, Some(head)));
-            privcomm_projections::replay::replay(source, &target_store, &all, &limits, |n, p| progress.show(n, p))
-                .await?
+            Box::new(StoreSource::new(store, args.page, Some(head)))
         }
     };
+    let report =
+        privcomm_projections::replay::replay(source, &target_store, &all, &limits, |n, p| progress.show(n, p)).await?;
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     println!(
@@ -376,7 +371,10 @@ async fn open_replay_target(url: &str) -> anyhow::Result<ReadDb> {
             // A scratch database: speed over durability.
             let options = crate::eventstore::sqlite::connect_options(url)?
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Memory)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Off);
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Off)
+                .locking_mode(sqlx::sqlite::SqliteLockingMode::Exclusive)
+                // Read models hold no ciphertext, and the file is scratch.
+                .pragma("secure_delete", "OFF");
             let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
             crate::migrate::SQLITE.run(&pool).await.context("creating the replay database")?;
             ReadDb::Sqlite(pool)

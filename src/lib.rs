@@ -12,6 +12,7 @@
 //!   (`privcomm bench-store`, `privcomm bench-api`).
 //! - [`keygen`]: real libsignal key material for benchmarks and tests.
 //! - [`loadgen`]: the relay load run (`privcomm loadgen`).
+//! - [`sqlite_memory`]: SQLite's allocations through mimalloc (FFI).
 //!
 //! The domain, API, relay and projection crates know only the traits; this
 //! crate chooses implementations and wires them together.
@@ -32,3 +33,4 @@ pub mod outbox;
 pub mod plot;
 pub mod projector;
 pub mod serve;
+pub mod sqlite_memory;

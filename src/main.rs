@@ -84,6 +84,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Before any SQLite connection opens.
+    if !privcomm::sqlite_memory::install() {
+        eprintln!("warning: SQLite kept its own allocator (it was initialised before privcomm could configure it)");
+    }
     let result = match cli.command {
         Command::Serve(config) => {
             init_logging(config.log_format);

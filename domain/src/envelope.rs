@@ -187,6 +187,22 @@ pub struct ChainBreak {
     pub fault: ChainFault,
 }
 
+/// The checks of one event that need no other event: its payload against
+/// its payload hash, and its hash against its header. Independent from one
+/// event to the next (the expensive part of verification: two SHA-256), so
+/// a verifier may run them in parallel ahead of [`ChainVerifier::link`].
+pub fn check_contents(event: &RecordedEvent) -> Result<(), ChainFault> {
+    if let Some(payload) = &event.payload
+        && Hash::of(payload) != event.payload_hash
+    {
+        return Err(ChainFault::PayloadHashMismatch);
+    }
+    if event_hash(&event.prev_hash, &event.header(), &event.payload_hash) != event.hash {
+        return Err(ChainFault::HashMismatch);
+    }
+    Ok(())
+}
+
 /// Checks events one at a time, in position order, against the chain.
 ///
 /// Start it with the hash of the event before the first one to check (or
@@ -206,6 +222,14 @@ impl ChainVerifier {
 
     /// Checks one event; the first error is the position to report.
     pub fn check(&mut self, event: &RecordedEvent) -> Result<(), ChainBreak> {
+        self.link(event, check_contents(event))
+    }
+
+    /// Checks that `event` comes next and links to its predecessor, then
+    /// takes `contents`, the verdict of [`check_contents`] on the same
+    /// event, computed earlier (perhaps on another thread). Faults are
+    /// reported in the same order as [`ChainVerifier::check`] reports them.
+    pub fn link(&mut self, event: &RecordedEvent, contents: Result<(), ChainFault>) -> Result<(), ChainBreak> {
         let fail = |fault| ChainBreak { position: event.position, fault };
         if event.position != self.next_position {
             return Err(fail(ChainFault::UnexpectedPosition { expected: self.next_position }));
@@ -213,14 +237,7 @@ impl ChainVerifier {
         if event.prev_hash != self.prev_hash {
             return Err(fail(ChainFault::PrevHashMismatch));
         }
-        if let Some(payload) = &event.payload
-            && Hash::of(payload) != event.payload_hash
-        {
-            return Err(fail(ChainFault::PayloadHashMismatch));
-        }
-        if event_hash(&event.prev_hash, &event.header(), &event.payload_hash) != event.hash {
-            return Err(fail(ChainFault::HashMismatch));
-        }
+        contents.map_err(fail)?;
         self.next_position = event.position.next();
         self.prev_hash = event.hash;
         self.checked += 1;

@@ -24,7 +24,12 @@ pub trait ReadModel: Send + Sync + 'static {
 
 /// The checkpoint name of a model.
 pub fn checkpoint_name(model: &dyn ReadModel) -> String {
-    format!("projection:{}", model.name())
+    checkpoint_name_of(model.name())
+}
+
+/// [`checkpoint_name`] of the model called `model`.
+pub fn checkpoint_name_of(model: &str) -> String {
+    format!("projection:{model}")
 }
 
 /// Every read model privcomm serves, in a fixed order.

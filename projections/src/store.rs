@@ -9,14 +9,14 @@
 //! once, is applied once, and a worker killed mid-batch leaves either all of
 //! the batch or none of it behind.
 
-use crate::models::{ReadModel, checkpoint_name};
+use crate::models::{ReadModel, checkpoint_name, checkpoint_name_of};
 use crate::rows::{Kind, KindTag, Op, Table, TableChecksum, Value};
 use async_trait::async_trait;
 use futures::TryStreamExt as _;
 use privcomm_domain::events::DomainEvent;
 use privcomm_domain::{Position, RecordedEvent};
 use sqlx::Row as _;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 /// An event with its payload decoded once for every model.
@@ -60,6 +60,17 @@ pub enum ProjectionError {
         /// Why.
         reason: String,
     },
+    /// A batch planned ahead found the model's checkpoint elsewhere than
+    /// planned: something else is writing the model.
+    #[error("read model {model} was planned from position {planned} but is at {found}; is another writer applying it?")]
+    Moved {
+        /// The model.
+        model: &'static str,
+        /// The checkpoint the plan started from.
+        planned: Position,
+        /// The checkpoint found.
+        found: Position,
+    },
     /// The read-model database failed.
     #[error("read-model storage failed")]
     Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -88,6 +99,52 @@ pub fn plan(
         at = decoded.event.position;
     }
     Ok((at != checkpoint).then_some((merge_tallies(ops), at)))
+}
+
+/// One model's share of a batch, planned before its transaction by a
+/// writer that owns the target (a replay), so that planning the next batch
+/// overlaps writing this one. [`ReadStore::apply_planned`] checks that the
+/// model is still at [`PlannedModel::from`] before writing anything.
+#[derive(Debug)]
+pub struct PlannedModel {
+    model: &'static str,
+    from: Position,
+    to: Position,
+    writes: Writes,
+}
+
+/// What a planned batch writes: SQL for a SQL store, ops for the one in memory.
+#[derive(Debug)]
+enum Writes {
+    Ops(Vec<Op>),
+    Sql(Vec<(String, Vec<Value>)>),
+}
+
+impl PlannedModel {
+    /// The checkpoint after it.
+    pub fn to(&self) -> Position {
+        self.to
+    }
+}
+
+/// Plans `model`'s share of `batch` from checkpoint `from`, for a store
+/// that writes `dialect` (`None`: ops, for [`MemoryReadStore`]). `None`
+/// when no event of the batch is after `from`.
+pub fn plan_ahead(
+    model: &dyn ReadModel,
+    from: Position,
+    batch: &[Decoded],
+    dialect: Option<Dialect>,
+) -> Result<Option<PlannedModel>, ProjectionError> {
+    Ok(plan(model, from, batch)?.map(|(ops, to)| PlannedModel {
+        model: model.name(),
+        from,
+        to,
+        writes: match dialect {
+            Some(d) => Writes::Sql(statements(ops, d)),
+            None => Writes::Ops(ops),
+        },
+    }))
 }
 
 /// Counters add up in any order: where every op on a table is a tally, one
@@ -144,6 +201,18 @@ pub trait ReadStore: Send + Sync + 'static {
         let after = self.apply(&[(model, batch)]).await?;
         Ok(after.first().copied().unwrap_or(Position::START))
     }
+
+    /// What [`plan_ahead`] should produce for this store: SQL of a
+    /// dialect, or (`None`) ops.
+    fn dialect(&self) -> Option<Dialect> {
+        None
+    }
+
+    /// Applies batches planned by [`plan_ahead`] (for [`ReadStore::dialect`]),
+    /// with their checkpoints, in one transaction — or, if any model's
+    /// checkpoint is not where its plan started, nothing
+    /// ([`ProjectionError::Moved`]).
+    async fn apply_planned(&self, planned: Vec<PlannedModel>) -> Result<(), ProjectionError>;
 
     /// The model's checkpoint ([`Position::START`] before its first batch).
     async fn checkpoint(&self, model: &dyn ReadModel) -> Result<Position, ProjectionError>;
@@ -268,6 +337,27 @@ impl ReadStore for MemoryReadStore {
         Ok(after)
     }
 
+    async fn apply_planned(&self, planned: Vec<PlannedModel>) -> Result<(), ProjectionError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for model in &planned {
+            let found = state.checkpoints.get(&checkpoint_name_of(model.model)).copied().unwrap_or(Position::START);
+            if found != model.from {
+                return Err(ProjectionError::Moved { model: model.model, planned: model.from, found });
+            }
+            if !matches!(model.writes, Writes::Ops(_)) {
+                return Err(ProjectionError::Storage("SQL planned for the in-memory store".into()));
+            }
+        }
+        for model in planned {
+            let Writes::Ops(ops) = model.writes else { continue };
+            for op in &ops {
+                apply_in_memory(&mut state.tables, op);
+            }
+            state.checkpoints.insert(checkpoint_name_of(model.model), model.to);
+        }
+        Ok(())
+    }
+
     async fn checkpoint(&self, model: &dyn ReadModel) -> Result<Position, ProjectionError> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Ok(state.checkpoints.get(&checkpoint_name(model)).copied().unwrap_or(Position::START))
@@ -325,7 +415,7 @@ impl SqlReadStore {
 /// (`$n`); SQLite gets anonymous `?` in order, because sqlx looks up every
 /// named or numbered SQLite parameter by name, which costs quadratic time in
 /// a multi-row statement (measured: 14 % of a replay's CPU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dialect {
     /// `$1, $2, …`
     Postgres,
@@ -379,31 +469,52 @@ const MAX_PARAMETERS: usize = 2_000;
 /// into one table becomes multi-row `INSERT … ON CONFLICT` statements — one
 /// round trip for hundreds of rows. Within a run the last row for a key
 /// wins, as it would one statement at a time (and PostgreSQL refuses one
-/// statement that touches a row twice).
-pub fn statements(ops: &[Op], d: Dialect) -> Vec<(String, Vec<Value>)> {
+/// statement that touches a row twice). The ops' values move into the
+/// statements' parameters; nothing is copied.
+pub fn statements(ops: Vec<Op>, d: Dialect) -> Vec<(String, Vec<Value>)> {
     let ops = fold_into_upserts(ops);
-    let mut out = Vec::new();
-    // Ops that each address one whole key, all keys distinct: they commute,
-    // so a segment of them is written grouped by kind and table.
-    let mut segment: Vec<&Op> = Vec::new();
-    let mut seen: std::collections::HashSet<(&'static str, &[Value])> = std::collections::HashSet::new();
-    for op in &ops {
-        match exact_key(op) {
-            Some(key) if seen.insert(key) => segment.push(op),
-            Some(key) => {
-                flush_segment(&mut segment, &mut out, d);
-                seen.clear();
-                seen.insert(key);
-                segment.push(op);
-            }
-            None => {
-                flush_segment(&mut segment, &mut out, d);
-                seen.clear();
-                out.push(statement(op, d));
+    // Ops that each address one whole key, all keys distinct, commute: a
+    // segment of them is written grouped by kind and table. First find the
+    // segments (borrowing the keys), then move the ops into statements.
+    let mut pieces: Vec<(usize, bool)> = Vec::new(); // (end, is a segment)
+    {
+        let mut seen: HashSet<(&'static str, &[Value])> = HashSet::new();
+        let mut start = 0;
+        for (index, op) in ops.iter().enumerate() {
+            match exact_key(op) {
+                Some(key) if seen.insert(key) => {}
+                Some(key) => {
+                    pieces.push((index, true));
+                    seen.clear();
+                    seen.insert(key);
+                    start = index;
+                }
+                None => {
+                    if index > start {
+                        pieces.push((index, true));
+                    }
+                    pieces.push((index + 1, false));
+                    seen.clear();
+                    start = index + 1;
+                }
             }
         }
+        if ops.len() > start {
+            pieces.push((ops.len(), true));
+        }
     }
-    flush_segment(&mut segment, &mut out, d);
+    let mut out = Vec::new();
+    let mut ops = ops.into_iter();
+    let mut at = 0;
+    for (end, segment) in pieces {
+        let taken: Vec<Op> = ops.by_ref().take(end - at).collect();
+        at = end;
+        if segment {
+            write_segment(taken, &mut out, d);
+        } else {
+            out.extend(taken.into_iter().map(|op| statement(op, d)));
+        }
+    }
     out
 }
 
@@ -424,16 +535,36 @@ fn exact_key(op: &Op) -> Option<(&'static str, &[Value])> {
     }
 }
 
+fn key_hash(table: &'static str, key: &[Value]) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+        std::sync::LazyLock::new(Default::default);
+    let mut hasher = SEED.build_hasher();
+    table.hash(&mut hasher);
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Applies updates, increments and set-if-null to a row upserted earlier in
 /// the same batch, so the pair is one row written once (an accepted message
 /// acked before its batch was applied is never written as pending).
-fn fold_into_upserts(ops: &[Op]) -> Vec<Op> {
+fn fold_into_upserts(ops: Vec<Op>) -> Vec<Op> {
+    let folds = |op: &Op| matches!(op, Op::Update { .. } | Op::Increment { .. } | Op::SetIfNull { .. });
+    if !ops.iter().any(folds) {
+        return ops;
+    }
     let mut out: Vec<Op> = Vec::with_capacity(ops.len());
-    let mut upserted: HashMap<(&'static str, Vec<Value>), usize> = HashMap::new();
+    // Upserted keys by hash (collisions are told apart by comparing keys).
+    let mut upserted: HashMap<u64, Vec<usize>> = HashMap::new();
     for op in ops {
-        let found = match op {
+        let found = match &op {
             Op::Update { table, key, .. } | Op::Increment { table, key, .. } | Op::SetIfNull { table, key, .. } => {
-                upserted.get(&(table.name, key.clone())).copied()
+                // The latest upsert of the key, as one statement at a time would see it.
+                upserted.get(&key_hash(table.name, key)).and_then(|candidates| {
+                    candidates.iter().rev().copied().find(|&at| {
+                        matches!(&out[at], Op::Upsert { table: t, row } if t.name == table.name && row[..t.key_len] == key[..])
+                    })
+                })
             }
             _ => None,
         };
@@ -443,7 +574,7 @@ fn fold_into_upserts(ops: &[Op]) -> Vec<Op> {
             match op {
                 Op::Update { set, .. } => {
                     for (column, value) in set {
-                        row[column_index(table, column)] = value.clone();
+                        row[column_index(table, column)] = value;
                     }
                 }
                 Op::Increment { column, by, .. } => {
@@ -454,24 +585,28 @@ fn fold_into_upserts(ops: &[Op]) -> Vec<Op> {
                 Op::SetIfNull { column, value, .. } => {
                     let cell = &mut row[column_index(table, column)];
                     if matches!(cell, Value::Null(_)) {
-                        *cell = value.clone();
+                        *cell = value;
                     }
                 }
                 _ => {}
             }
             continue;
         }
-        match op {
+        match &op {
             Op::Upsert { table, row } => {
-                upserted.insert((table.name, row[..table.key_len].to_vec()), out.len());
+                upserted.entry(key_hash(table.name, &row[..table.key_len])).or_default().push(out.len());
             }
             // Anything else that may touch upserted rows ends folding into them.
             Op::Delete { table, .. } | Op::DeleteWhere { table, .. } | Op::Tally { table, .. } => {
-                upserted.retain(|(name, _), _| *name != table.name);
+                let name = table.name;
+                upserted.retain(|_, candidates| {
+                    candidates.retain(|&at| !matches!(&out[at], Op::Upsert { table, .. } if table.name == name));
+                    !candidates.is_empty()
+                });
             }
             _ => {}
         }
-        out.push(op.clone());
+        out.push(op);
     }
     out
 }
@@ -479,19 +614,18 @@ fn fold_into_upserts(ops: &[Op]) -> Vec<Op> {
 /// Writes a segment of single-key ops on distinct keys: upserts as
 /// multi-row inserts, updates of the same columns as multi-row updates,
 /// the rest one by one.
-fn flush_segment(segment: &mut Vec<&Op>, out: &mut Vec<(String, Vec<Value>)>, d: Dialect) {
-    let mut upserts: Vec<(&'static Table, Vec<&Vec<Value>>)> = Vec::new();
-    let mut updates: Vec<(&'static Table, Vec<&'static str>, Vec<UpdateRow<'_>>)> = Vec::new();
+fn write_segment(segment: Vec<Op>, out: &mut Vec<(String, Vec<Value>)>, d: Dialect) {
+    let mut upserts: Vec<(&'static Table, Vec<Vec<Value>>)> = Vec::new();
+    let mut updates: Vec<(&'static Table, Vec<&'static str>, Vec<UpdateRow>)> = Vec::new();
     let mut rest = Vec::new();
-    for op in segment.drain(..) {
+    for op in segment {
         match op {
             Op::Upsert { table, row } => match upserts.iter_mut().find(|(t, _)| t.name == table.name) {
                 Some((_, rows)) => rows.push(row),
                 None => upserts.push((table, vec![row])),
             },
             Op::Update { table, key, set } => {
-                let columns: Vec<&'static str> = set.iter().map(|(c, _)| *c).collect();
-                let values: Vec<&Value> = set.iter().map(|(_, v)| v).collect();
+                let (columns, values): (Vec<&'static str>, Vec<Value>) = set.into_iter().unzip();
                 match updates.iter_mut().find(|(t, c, _)| t.name == table.name && *c == columns) {
                     Some((_, _, rows)) => rows.push((key, values)),
                     None => updates.push((table, columns, vec![(key, values)])),
@@ -501,90 +635,108 @@ fn flush_segment(segment: &mut Vec<&Op>, out: &mut Vec<(String, Vec<Value>)>, d:
         }
     }
     for (table, rows) in upserts {
-        for chunk in rows.chunks((MAX_PARAMETERS / table.columns.len()).max(1)) {
-            out.push(multi_row_upsert(table, chunk, d));
+        let per_statement = (MAX_PARAMETERS / table.columns.len()).max(1);
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            out.push(multi_row_upsert(table, rows.by_ref().take(per_statement).collect(), d));
         }
     }
     for (table, columns, rows) in updates {
-        let width = table.key_len + columns.len();
-        for chunk in rows.chunks((MAX_PARAMETERS / width).max(1)) {
-            out.push(multi_row_update(table, &columns, chunk, d));
+        let per_statement = (MAX_PARAMETERS / (table.key_len + columns.len())).max(1);
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            out.push(multi_row_update(table, &columns, rows.by_ref().take(per_statement).collect(), d));
         }
     }
     out.extend(rest.into_iter().map(|op| statement(op, d)));
 }
 
 /// One row of a multi-row update: its key, and the new values of the updated columns.
-type UpdateRow<'a> = (&'a Vec<Value>, Vec<&'a Value>);
+type UpdateRow = (Vec<Value>, Vec<Value>);
+
+/// SQL text of multi-row statements by shape: a replay writes thousands of
+/// statements of a few shapes, and formatting hundreds of placeholders
+/// each time cost more than executing them. Bounded: a shape is a table,
+/// its updated columns and a row count up to [`MAX_PARAMETERS`].
+fn cached_sql(shape: (&'static str, Vec<&'static str>, usize, Dialect), build: impl FnOnce() -> String) -> String {
+    type Shapes = HashMap<(&'static str, Vec<&'static str>, usize, Dialect), String>;
+    static SQL: std::sync::LazyLock<Mutex<Shapes>> = std::sync::LazyLock::new(Default::default);
+    let mut cache = SQL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    cache.entry(shape).or_insert_with(build).clone()
+}
 
 fn multi_row_update(
     table: &'static Table,
     columns: &[&'static str],
-    rows: &[UpdateRow<'_>],
+    rows: Vec<UpdateRow>,
     d: Dialect,
 ) -> (String, Vec<Value>) {
-    if let [(key, values)] = rows {
-        let set = columns.iter().zip(values).map(|(c, v)| (*c, (*v).clone())).collect();
-        return statement(&Op::Update { table, key: (*key).clone(), set }, d);
+    if rows.len() == 1 {
+        let (key, values) = rows.into_iter().next().unwrap_or_default();
+        let set = columns.iter().copied().zip(values).collect();
+        return statement(Op::Update { table, key, set }, d);
     }
-    let kinds: Vec<Kind> = table
-        .key()
-        .iter()
-        .map(|c| c.kind)
-        .chain(columns.iter().map(|c| table.column(c).map_or(Kind::Text, |c| c.kind)))
-        .collect();
-    let width = kinds.len();
-    let tuples: Vec<String> = (0..rows.len())
-        .map(|r| {
-            let cells: Vec<String> = kinds
-                .iter()
-                .enumerate()
-                .map(|(c, kind)| format!("CAST({} AS {})", d.param(r * width + c + 1), d.type_of(*kind)))
-                .collect();
-            format!("({})", cells.join(", "))
-        })
-        .collect();
-    let names: Vec<&str> = table.key().iter().map(|c| c.name).chain(columns.iter().copied()).collect();
-    let assignments: Vec<String> = columns.iter().map(|c| format!("{c} = v.{c}")).collect();
-    let matches: Vec<String> = table.key().iter().map(|c| format!("{0}.{1} = v.{1}", table.name, c.name)).collect();
-    let sql = format!(
-        "WITH v ({}) AS (VALUES {}) UPDATE {} SET {} FROM v WHERE {}",
-        names.join(", "),
-        tuples.join(", "),
-        table.name,
-        assignments.join(", "),
-        matches.join(" AND ")
-    );
-    let values =
-        rows.iter().flat_map(|(key, set)| key.iter().cloned().chain(set.iter().map(|v| (*v).clone()))).collect();
+    let sql = cached_sql((table.name, columns.to_vec(), rows.len(), d), || {
+        let kinds: Vec<Kind> = table
+            .key()
+            .iter()
+            .map(|c| c.kind)
+            .chain(columns.iter().map(|c| table.column(c).map_or(Kind::Text, |c| c.kind)))
+            .collect();
+        let width = kinds.len();
+        let tuples: Vec<String> = (0..rows.len())
+            .map(|r| {
+                let cells: Vec<String> = kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(c, kind)| format!("CAST({} AS {})", d.param(r * width + c + 1), d.type_of(*kind)))
+                    .collect();
+                format!("({})", cells.join(", "))
+            })
+            .collect();
+        let names: Vec<&str> = table.key().iter().map(|c| c.name).chain(columns.iter().copied()).collect();
+        let assignments: Vec<String> = columns.iter().map(|c| format!("{c} = v.{c}")).collect();
+        let matches: Vec<String> = table.key().iter().map(|c| format!("{0}.{1} = v.{1}", table.name, c.name)).collect();
+        format!(
+            "WITH v ({}) AS (VALUES {}) UPDATE {} SET {} FROM v WHERE {}",
+            names.join(", "),
+            tuples.join(", "),
+            table.name,
+            assignments.join(", "),
+            matches.join(" AND ")
+        )
+    });
+    let values = rows.into_iter().flat_map(|(key, set)| key.into_iter().chain(set)).collect();
     (sql, values)
 }
 
-fn multi_row_upsert(table: &Table, rows: &[&Vec<Value>], d: Dialect) -> (String, Vec<Value>) {
-    let width = table.columns.len();
-    let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
-    let tuples: Vec<String> = (0..rows.len())
-        .map(|r| format!("({})", (1..=width).map(|c| d.param(r * width + c)).collect::<Vec<_>>().join(", ")))
-        .collect();
-    let keys: Vec<&str> = table.key().iter().map(|c| c.name).collect();
-    let updates: Vec<String> =
-        table.columns[table.key_len..].iter().map(|c| format!("{0} = excluded.{0}", c.name)).collect();
-    let conflict =
-        if updates.is_empty() { "DO NOTHING".to_owned() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
-    let sql = format!(
-        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) {conflict}",
-        table.name,
-        columns.join(", "),
-        tuples.join(", "),
-        keys.join(", ")
-    );
-    (sql, rows.iter().flat_map(|row| row.iter().cloned()).collect())
+fn multi_row_upsert(table: &'static Table, rows: Vec<Vec<Value>>, d: Dialect) -> (String, Vec<Value>) {
+    let sql = cached_sql((table.name, Vec::new(), rows.len(), d), || {
+        let width = table.columns.len();
+        let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+        let tuples: Vec<String> = (0..rows.len())
+            .map(|r| format!("({})", (1..=width).map(|c| d.param(r * width + c)).collect::<Vec<_>>().join(", ")))
+            .collect();
+        let keys: Vec<&str> = table.key().iter().map(|c| c.name).collect();
+        let updates: Vec<String> =
+            table.columns[table.key_len..].iter().map(|c| format!("{0} = excluded.{0}", c.name)).collect();
+        let conflict =
+            if updates.is_empty() { "DO NOTHING".to_owned() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
+        format!(
+            "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) {conflict}",
+            table.name,
+            columns.join(", "),
+            tuples.join(", "),
+            keys.join(", ")
+        )
+    });
+    (sql, rows.into_iter().flatten().collect())
 }
 
 /// The statement for an op and the values to bind, in order.
-pub fn statement(op: &Op, d: Dialect) -> (String, Vec<Value>) {
+pub fn statement(op: Op, d: Dialect) -> (String, Vec<Value>) {
     match op {
-        Op::Upsert { table, row } => multi_row_upsert(table, &[row], d),
+        Op::Upsert { table, row } => multi_row_upsert(table, vec![row], d),
         Op::Update { table, key, set } => {
             let assignments: Vec<String> =
                 set.iter().enumerate().map(|(i, (column, _))| format!("{column} = {}", d.param(i + 1))).collect();
@@ -594,8 +746,8 @@ pub fn statement(op: &Op, d: Dialect) -> (String, Vec<Value>) {
                 assignments.join(", "),
                 key_condition(table, key.len(), set.len() + 1, d)
             );
-            let mut values: Vec<Value> = set.iter().map(|(_, v)| v.clone()).collect();
-            values.extend(key.iter().cloned());
+            let mut values: Vec<Value> = set.into_iter().map(|(_, v)| v).collect();
+            values.extend(key);
             (sql, values)
         }
         Op::SetIfNull { table, key, column, value } => {
@@ -605,8 +757,8 @@ pub fn statement(op: &Op, d: Dialect) -> (String, Vec<Value>) {
                 key_condition(table, key.len(), 2, d),
                 d.param(1)
             );
-            let mut values = vec![value.clone()];
-            values.extend(key.iter().cloned());
+            let mut values = vec![value];
+            values.extend(key);
             (sql, values)
         }
         Op::Increment { table, key, column, by } => {
@@ -616,8 +768,8 @@ pub fn statement(op: &Op, d: Dialect) -> (String, Vec<Value>) {
                 key_condition(table, key.len(), 2, d),
                 d.param(1)
             );
-            let mut values = vec![Value::Int(*by)];
-            values.extend(key.iter().cloned());
+            let mut values = vec![Value::Int(by)];
+            values.extend(key);
             (sql, values)
         }
         Op::Tally { table, key, column, by } => {
@@ -629,15 +781,15 @@ pub fn statement(op: &Op, d: Dialect) -> (String, Vec<Value>) {
                 keys.join(", "),
                 params.join(", ")
             );
-            let mut values = key.clone();
-            values.push(Value::Int(*by));
+            let mut values = key;
+            values.push(Value::Int(by));
             (sql, values)
         }
         Op::Delete { table, key } => {
-            (format!("DELETE FROM {} WHERE {}", table.name, key_condition(table, key.len(), 1, d)), key.clone())
+            (format!("DELETE FROM {} WHERE {}", table.name, key_condition(table, key.len(), 1, d)), key)
         }
         Op::DeleteWhere { table, column, value } => {
-            (format!("DELETE FROM {} WHERE {column} = {}", table.name, d.param(1)), vec![value.clone()])
+            (format!("DELETE FROM {} WHERE {column} = {}", table.name, d.param(1)), vec![value])
         }
     }
 }
@@ -706,33 +858,64 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
 }
 
+/// Creates the model's checkpoint row if missing and reads it, locked
+/// until the transaction ends.
+macro_rules! lock_checkpoint {
+    ($tx:expr, $model:expr, $dialect:expr) => {{
+        let name = checkpoint_name_of($model);
+        sqlx::query(ENSURE_CHECKPOINT).bind(&name).execute(&mut *$tx).await?;
+        let select = format!("SELECT position FROM checkpoints WHERE name = $1{}", $dialect.lock_row());
+        let stored: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(select)).bind(&name).fetch_one(&mut *$tx).await?;
+        Position(stored as u64)
+    }};
+}
+
+/// Runs a planned model's statements and saves its new checkpoint.
+macro_rules! write_planned {
+    ($tx:expr, $planned:expr) => {{
+        let planned: PlannedModel = $planned;
+        let Writes::Sql(statements) = planned.writes else {
+            return Err(ProjectionError::Storage("ops planned for a SQL store".into()));
+        };
+        for (sql, values) in statements {
+            bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values).execute(&mut *$tx).await?;
+        }
+        sqlx::query(SAVE_CHECKPOINT)
+            .bind(planned.to.0 as i64)
+            .bind(now_us())
+            .bind(checkpoint_name_of(planned.model))
+            .execute(&mut *$tx)
+            .await?;
+    }};
+}
+
+impl SqlReadStore {
+    fn sql_dialect(&self) -> Dialect {
+        match self.db {
+            ReadDb::Postgres(_) => Dialect::Postgres,
+            ReadDb::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+}
+
 #[async_trait]
 impl ReadStore for SqlReadStore {
     async fn apply(&self, work: &[(&dyn ReadModel, &[Decoded])]) -> Result<Vec<Position>, ProjectionError> {
-        let dialect = match self.db {
-            ReadDb::Postgres(_) => Dialect::Postgres,
-            ReadDb::Sqlite(_) => Dialect::Sqlite,
-        };
+        let dialect = self.sql_dialect();
         on_db!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             let mut after = Vec::with_capacity(work.len());
             let mut changed = false;
             for (model, batch) in work {
-                let name = checkpoint_name(*model);
-                sqlx::query(ENSURE_CHECKPOINT).bind(&name).execute(&mut *tx).await?;
-                let select = format!("SELECT position FROM checkpoints WHERE name = $1{lock}", lock = dialect.lock_row());
-                let stored: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(select)).bind(&name).fetch_one(&mut *tx).await?;
-                let checkpoint = Position(stored as u64);
-                let Some((ops, at)) = plan(*model, checkpoint, batch)? else {
-                    after.push(checkpoint);
-                    continue;
-                };
-                for (sql, values) in statements(&ops, dialect) {
-                    bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values).execute(&mut *tx).await?;
+                let checkpoint = lock_checkpoint!(tx, model.name(), dialect);
+                match plan_ahead(*model, checkpoint, batch, Some(dialect))? {
+                    Some(planned) => {
+                        after.push(planned.to);
+                        write_planned!(tx, planned);
+                        changed = true;
+                    }
+                    None => after.push(checkpoint),
                 }
-                sqlx::query(SAVE_CHECKPOINT).bind(at.0 as i64).bind(now_us()).bind(&name).execute(&mut *tx).await?;
-                after.push(at);
-                changed = true;
             }
             if changed {
                 tx.commit().await?;
@@ -740,6 +923,27 @@ impl ReadStore for SqlReadStore {
                 tx.rollback().await?;
             }
             Ok(after)
+        })
+    }
+
+    fn dialect(&self) -> Option<Dialect> {
+        Some(self.sql_dialect())
+    }
+
+    async fn apply_planned(&self, planned: Vec<PlannedModel>) -> Result<(), ProjectionError> {
+        let dialect = self.sql_dialect();
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            for model in planned {
+                let found = lock_checkpoint!(tx, model.model, dialect);
+                if found != model.from {
+                    // Dropping the transaction rolls it back: nothing written.
+                    return Err(ProjectionError::Moved { model: model.model, planned: model.from, found });
+                }
+                write_planned!(tx, model);
+            }
+            tx.commit().await?;
+            Ok(())
         })
     }
 
@@ -782,14 +986,14 @@ impl ReadStore for SqlReadStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::{self, EVENT_COUNTS, MAILBOX};
     use privcomm_domain::events::Bytes;
     use privcomm_domain::memory::InMemoryEventStore;
     use privcomm_domain::{AppendRequest, EventStore as _, ExpectedVersion, MessageId, StreamId, UserId};
 
-    async fn log_with_messages(n: u128) -> Vec<Decoded> {
+    pub(crate) async fn log_with_messages(n: u128) -> Vec<Decoded> {
         let clock = std::sync::Arc::new(privcomm_domain::clock::ManualClock::new(privcomm_domain::Timestamp(1_000)));
         let store = InMemoryEventStore::new(clock);
         for i in 0..n {
@@ -860,13 +1064,13 @@ mod tests {
             |key: &str, value: i64| Op::Upsert { table: &EVENT_COUNTS, row: vec![Value::text(key), Value::Int(value)] };
         let delete = Op::Delete { table: &EVENT_COUNTS, key: vec![Value::text("b")] };
         let ops = vec![row("a", 1), row("b", 2), row("a", 3), delete, row("c", 4)];
-        let written = statements(&ops, Dialect::Postgres);
+        let written = statements(ops.clone(), Dialect::Postgres);
         assert_eq!(written.len(), 3, "{written:?}");
         assert!(written[0].0.contains("VALUES ($1, $2), ($3, $4) ON CONFLICT (event_type)"), "{}", written[0].0);
         assert_eq!(written[0].1, vec![Value::text("a"), Value::Int(1), Value::text("b"), Value::Int(2)]);
         assert_eq!(written[1].1, vec![Value::text("a"), Value::Int(3), Value::text("c"), Value::Int(4)]);
         assert!(written[2].0.starts_with("DELETE FROM rm_event_counts"));
-        assert!(statements(&ops, Dialect::Sqlite)[0].0.contains("VALUES (?, ?), (?, ?)"));
+        assert!(statements(ops, Dialect::Sqlite)[0].0.contains("VALUES (?, ?), (?, ?)"));
     }
 
     #[test]
@@ -882,12 +1086,26 @@ mod tests {
             Op::Update { table: &MAILBOX, key: other.clone(), set: settle.clone() },
             Op::Update { table: &MAILBOX, key: key.clone(), set: settle.clone() },
         ];
-        let folded = fold_into_upserts(&ops);
-        let mut settled = row;
+        let folded = fold_into_upserts(ops.clone());
+        let mut settled = row.clone();
         settled[7] = Value::text("delivered");
         settled[8] = Value::Int(2);
         assert_eq!(folded, vec![Op::Upsert { table: &MAILBOX, row: settled }, ops[1].clone()]);
-        let two = statements(&[ops[1].clone(), Op::Update { table: &MAILBOX, key, set: settle }], Dialect::Postgres);
+        // Upserted twice: the update lands on the later row, which is the one that stays.
+        let mut again = row.clone();
+        again[5] = Value::Int(10);
+        let twice = vec![
+            Op::Upsert { table: &MAILBOX, row: row.clone() },
+            Op::Upsert { table: &MAILBOX, row: again.clone() },
+            Op::Update { table: &MAILBOX, key: key.clone(), set: settle.clone() },
+        ];
+        again[7] = Value::text("delivered");
+        again[8] = Value::Int(2);
+        assert_eq!(
+            fold_into_upserts(twice),
+            vec![Op::Upsert { table: &MAILBOX, row }, Op::Upsert { table: &MAILBOX, row: again }]
+        );
+        let two = statements(vec![ops[1].clone(), Op::Update { table: &MAILBOX, key, set: settle }], Dialect::Postgres);
         assert_eq!(two.len(), 1);
         assert!(
             two[0].0.starts_with("WITH v (recipient, message_id, settled, settled_at_us) AS (VALUES (CAST($1 AS text)"),

@@ -48,6 +48,10 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         .foreign_keys(true)
         // Retention drops ciphertext: zero the freed bytes instead of leaving them in free pages.
         .pragma("secure_delete", "ON")
+        // Rows a connection's worker thread may run ahead of the reader:
+        // sqlx's 50 woke the reader every few rows of a page (a replay
+        // spent a fifth of its CPU switching threads).
+        .row_buffer_size(1_024)
         .busy_timeout(Duration::from_secs(5)))
 }
 
