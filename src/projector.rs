@@ -23,7 +23,7 @@ use tokio::sync::watch;
 pub async fn open_read_db(url: &str) -> anyhow::Result<ReadDb> {
     match Backend::of_url(url) {
         Some(Backend::Postgres) => {
-            // One connection per worker, so models apply in parallel.
+            // A few connections: a writer, a snapshot, retention reading beside them.
             let size = PoolSize { min: 1, max: models::all().len() as u32 + 1 };
             let pool = crate::eventstore::postgres::connect_pool(url, size)
                 .await
@@ -74,25 +74,12 @@ pub struct ProjectorSetup {
     pub retention: Option<(Arc<Retention>, RetentionSchedule)>,
     /// Signing checkpoints: where they are stored, the key, every N events, every T.
     pub checkpoints: Option<(ReadDb, Arc<CheckpointSigner>, u64, std::time::Duration)>,
-    read_store_kind: StoreKind,
-}
-
-/// Whether read-model transactions can run side by side.
-#[derive(Clone, Copy, Debug)]
-enum StoreKind {
-    Parallel,
-    SingleWriter,
 }
 
 impl ProjectorSetup {
     /// Read models in `db`.
     pub fn new(db: ReadDb, feed: Arc<dyn Feed>, log: Arc<dyn EventStore>, clock: Arc<dyn Clock>) -> ProjectorSetup {
-        let read_store_kind = match db {
-            ReadDb::Postgres(_) => StoreKind::Parallel,
-            ReadDb::Sqlite(_) => StoreKind::SingleWriter,
-        };
         ProjectorSetup {
-            read_store_kind,
             read_store: Arc::new(SqlReadStore::new(db)),
             feed,
             log,
@@ -129,12 +116,11 @@ impl ProjectorSetup {
 
     /// Runs every model's worker until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let groups = match self.read_store_kind {
-            // Parallel transactions: a worker (and a durable consumer) per model.
-            StoreKind::Parallel => models::all().into_iter().map(|m| vec![m]).collect(),
-            // One writer: one transaction per batch for all models.
-            StoreKind::SingleWriter => vec![models::all()],
-        };
+        // One worker, one feed and one transaction per batch for every model,
+        // in both modes: SQLite has one writer anyway, and on PostgreSQL a
+        // worker per model cost five consumers' deliveries and five commits
+        // per batch, which the relay load run paid for (ADR 0010).
+        let groups = vec![models::all()];
         let (projector, mut handles) = Projector::spawn(
             groups,
             self.read_store.clone(),

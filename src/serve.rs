@@ -31,9 +31,10 @@ use tokio::sync::watch;
 pub struct OpenedStore {
     /// The store.
     pub store: Arc<dyn LogStore>,
-    /// Where the read models live: the same database (SQLite: through the
-    /// store's writer connection; PostgreSQL: a pool of their own).
-    pub read_db: privcomm_projections::store::ReadDb,
+    /// Where embedded mode's read models live: the same file, through the
+    /// store's writer connection. `None` on PostgreSQL, where the projector
+    /// opens a pool of its own on a runtime of its own.
+    pub read_db: Option<privcomm_projections::store::ReadDb>,
     _file_lock: Option<File>,
 }
 
@@ -54,7 +55,7 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
                 .with_context(|| format!("opening SQLite database {}", config.database_url))?;
             let store = SqliteEventStore::open(readers, writer, clock).await?;
             let read_db = privcomm_projections::store::ReadDb::Sqlite(store.writer().clone());
-            Ok(OpenedStore { store: Arc::new(store), read_db, _file_lock: Some(file_lock) })
+            Ok(OpenedStore { store: Arc::new(store), read_db: Some(read_db), _file_lock: Some(file_lock) })
         }
         Backend::Postgres => {
             let size = PoolSize { min: config.db_pool_min_size, max: config.db_pool_max_size };
@@ -71,8 +72,7 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
                 );
             }
             let store = Arc::new(PostgresEventStore::open(pool, clock).await?);
-            let read_db = crate::projector::open_read_db(&config.database_url).await?;
-            Ok(OpenedStore { store, read_db, _file_lock: None })
+            Ok(OpenedStore { store, read_db: None, _file_lock: None })
         }
     }
 }
@@ -237,7 +237,6 @@ pub async fn run(
         _ => tokio::spawn(OutboxPublisher::new(store.clone(), bus.clone()).run(wait_stop())),
     };
 
-    let read_db = opened.read_db.clone();
     let policy = privcomm_projections::retention::RetentionPolicy {
         ciphertext_grace: config.ciphertext_grace,
         ..Default::default()
@@ -247,35 +246,50 @@ pub async fn run(
         config.retention_compact_at,
         config.ciphertext_grace,
     );
-    let mut projector = crate::projector::ProjectorSetup::new(
-        read_db.clone(),
-        links.feed.clone(),
-        store.clone(),
-        Arc::new(SystemClock),
-    )
-    .with_retention(read_db.clone(), policy, schedule);
-    match config.checkpoint_signer() {
-        Some(signer) => {
-            projector =
-                projector.with_checkpoints(read_db, signer, config.checkpoint_every_events, config.checkpoint_interval);
+    let projection_metrics = Arc::new(crate::projector::ProjectionMetrics::default());
+    let projector = {
+        let (feed, store, metrics) = (links.feed.clone(), store.clone(), projection_metrics.clone());
+        let signer = config.checkpoint_signer();
+        if signer.is_none() {
+            tracing::info!("CHECKPOINT_SIGNING_KEY is not set: the log's head is not signed");
         }
-        None => tracing::info!("CHECKPOINT_SIGNING_KEY is not set: the log's head is not signed"),
-    }
-    let projection_metrics = projector.metrics.clone();
-    let projection = match Backend::of_url(&config.database_url) {
-        // One projector per cluster, like the outbox.
-        Some(Backend::Postgres) => {
-            let stop = stopped.clone();
-            let work = move || Box::pin(projector.clone().run(stop.clone())) as crate::leader::LeaderWork;
-            tokio::spawn(crate::leader::while_leader(
-                config.database_url.clone(),
-                PROJECTOR_LOCK,
-                "the projection workers",
-                work,
-                wait_stop(),
-            ))
+        let (every_events, interval) = (config.checkpoint_every_events, config.checkpoint_interval);
+        move |read_db: privcomm_projections::store::ReadDb| {
+            let mut projector =
+                crate::projector::ProjectorSetup::new(read_db.clone(), feed, store, Arc::new(SystemClock))
+                    .with_retention(read_db.clone(), policy, schedule);
+            if let Some(signer) = signer {
+                projector = projector.with_checkpoints(read_db, signer, every_events, interval);
+            }
+            projector.metrics = metrics;
+            projector
         }
-        _ => tokio::spawn(projector.run(stopped.clone())),
+    };
+    let projection = match &opened.read_db {
+        Some(read_db) => tokio::spawn(projector(read_db.clone()).run(stopped.clone())),
+        // Cluster mode: one projector per cluster, like the outbox, on a
+        // thread and runtime of its own. On the node's runtime each of a
+        // batch's database round trips waited behind the relay's tasks, and
+        // under load the workers fell seconds behind (docs/BENCHMARKS.md).
+        None => {
+            let (url, stop, shutdown) = (config.database_url.clone(), stopped.clone(), wait_stop());
+            tokio::task::spawn_blocking(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => return tracing::error!(%error, "cannot start the projector's runtime"),
+                };
+                runtime.block_on(async move {
+                    // Opened here, so its connections belong to this runtime.
+                    let read_db = match crate::projector::open_read_db(&url).await {
+                        Ok(read_db) => read_db,
+                        Err(error) => return tracing::error!(error = format!("{error:#}"), "projector stopped"),
+                    };
+                    let projector = projector(read_db);
+                    let work = move || Box::pin(projector.clone().run(stop.clone())) as crate::leader::LeaderWork;
+                    crate::leader::while_leader(url, PROJECTOR_LOCK, "the projection workers", work, shutdown).await;
+                });
+            })
+        }
     };
 
     let api_config = config.api_config();

@@ -233,11 +233,12 @@ impl PushSink for NatsPush {
 
 /// Durable JetStream consumers for the projection workers.
 ///
-/// Each worker has its own durable pull consumer (`privcomm-projection-<model>`,
-/// acknowledge-all). Opening it positions it just after the read model's
-/// checkpoint — the checkpoint, kept with the read model, is the truth — and
-/// the worker acknowledges each batch after committing it, so the consumer's
-/// pending count (`nats consumer info`) is the model's lag as NATS sees it.
+/// Each worker has its own durable pull consumer (`privcomm serve` runs one,
+/// `privcomm-projection-all`, acknowledge-all). Opening it positions it just
+/// after the lowest of its models' checkpoints — the checkpoint, kept with
+/// the read model, is the truth — and the worker acknowledges each batch
+/// after committing it, so the consumer's pending count (`nats consumer
+/// info`) is the lag as NATS sees it.
 pub struct NatsFeed {
     bus: std::sync::Arc<NatsBus>,
 }
