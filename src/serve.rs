@@ -279,10 +279,22 @@ pub async fn run(
                     Err(error) => return tracing::error!(%error, "cannot start the projector's runtime"),
                 };
                 runtime.block_on(async move {
+                    tokio::pin!(shutdown);
                     // Opened here, so its connections belong to this runtime.
-                    let read_db = match crate::projector::open_read_db(&url).await {
-                        Ok(read_db) => read_db,
-                        Err(error) => return tracing::error!(error = format!("{error:#}"), "projector stopped"),
+                    let read_db = loop {
+                        match crate::projector::open_read_db(&url).await {
+                            Ok(read_db) => break read_db,
+                            Err(error) => {
+                                tracing::warn!(
+                                    error = format!("{error:#}"),
+                                    "cannot open the read-model pool; retrying in 2 s"
+                                );
+                                tokio::select! {
+                                    () = &mut shutdown => return,
+                                    () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                                }
+                            }
+                        }
                     };
                     let projector = projector(read_db);
                     let work = move || Box::pin(projector.clone().run(stop.clone())) as crate::leader::LeaderWork;
