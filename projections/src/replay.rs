@@ -424,7 +424,7 @@ mod tests {
     use super::*;
     use crate::models;
     use crate::store::MemoryReadStore;
-    use crate::store::tests::log_with_messages;
+    use crate::store::tests::{applied_at_once, log_with_messages};
     use std::collections::VecDeque;
 
     /// A log in memory, handed out `page` events at a time.
@@ -456,10 +456,7 @@ mod tests {
     #[tokio::test]
     async fn a_replay_in_small_pages_builds_what_one_batch_builds() {
         let log = log_with_messages(60).await;
-        let whole = MemoryReadStore::default();
-        for model in models::all() {
-            whole.apply_batch(model.as_ref(), &log).await.expect("applies");
-        }
+        let whole = applied_at_once(&log).await;
         let replayed = MemoryReadStore::default();
         let mut calls = 0;
         let report = replay(source(&log, 7), &replayed, &models::all(), &HashMap::new(), |_, _| calls += 1)

@@ -104,7 +104,8 @@ pub fn plan(
 /// One model's share of a batch, planned before its transaction by a
 /// writer that owns the target (a replay), so that planning the next batch
 /// overlaps writing this one. [`ReadStore::apply_planned`] checks that the
-/// model is still at [`PlannedModel::from`] before writing anything.
+/// model is still at the checkpoint the plan started from before writing
+/// anything.
 #[derive(Debug)]
 pub struct PlannedModel {
     model: &'static str,
@@ -1046,13 +1047,19 @@ pub(crate) mod tests {
         events.into_iter().map(|e| Decoded::new(e).expect("decodes")).collect()
     }
 
+    /// Every model with all of `log` applied in one batch: the reference result.
+    pub(crate) async fn applied_at_once(log: &[Decoded]) -> MemoryReadStore {
+        let whole = MemoryReadStore::default();
+        for model in models::all() {
+            whole.apply_batch(model.as_ref(), log).await.expect("applies");
+        }
+        whole
+    }
+
     #[tokio::test]
     async fn batches_of_any_size_and_redeliveries_give_the_same_rows() {
         let log = log_with_messages(30).await;
-        let whole = MemoryReadStore::default();
-        for model in models::all() {
-            whole.apply_batch(model.as_ref(), &log).await.expect("applies");
-        }
+        let whole = applied_at_once(&log).await;
         let piecewise = MemoryReadStore::default();
         for model in models::all() {
             // Overlapping chunks: each event after the first chunk is delivered twice.
