@@ -177,7 +177,7 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         cors_origins: vec![],
         user_cache_capacity: args.users + 100,
     };
-    let links = crate::serve::Links::embedded(store.clone(), Default::default());
+    let links = crate::serve::Links::embedded(store.clone(), Default::default()).await?;
     let (_keep_connections_open, connections_stop) = tokio::sync::watch::channel(false);
     let app = crate::serve::build_app(
         store.clone(),

@@ -82,6 +82,22 @@ impl OutboxPublisher {
         }
     }
 
+    /// Where a (re)started publisher goes on: its checkpoint, or the bus's
+    /// last event if the bus holds less than that (a restarted in-process
+    /// bus, a JetStream stream recreated empty). Checked before waiting for
+    /// new events: a publisher that trusted its checkpoint would wait with
+    /// the bus behind until the next commit, and every subscriber with it.
+    async fn resume_from(&self) -> Result<Position, OutboxError> {
+        let checkpoint = self.store.load_checkpoint(CHECKPOINT).await?;
+        let bus_last = self.bus.last_published().await?;
+        if bus_last >= checkpoint {
+            return Ok(checkpoint);
+        }
+        tracing::warn!(%checkpoint, %bus_last, "bus is behind the outbox checkpoint; republishing from the bus's last event");
+        self.store.save_checkpoint(CHECKPOINT, bus_last).await?;
+        Ok(bus_last)
+    }
+
     /// Runs until `shutdown` resolves: publish, checkpoint, wait for more.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
@@ -91,7 +107,7 @@ impl OutboxPublisher {
             let work = async {
                 let from = match after {
                     Some(position) => position,
-                    None => self.store.load_checkpoint(CHECKPOINT).await?,
+                    None => self.resume_from().await?,
                 };
                 match self.step(from).await? {
                     Step::Published(last) => {

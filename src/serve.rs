@@ -13,7 +13,7 @@ use crate::outbox::OutboxPublisher;
 use anyhow::Context as _;
 use privcomm_api::AppState;
 use privcomm_api::users::Directory;
-use privcomm_domain::EventBus;
+use privcomm_domain::{EventBus, StoreError};
 use privcomm_relay::hub::Hub;
 use privcomm_relay::presence::{Presence, Roster};
 use privcomm_relay::push::{PushSink, Pusher};
@@ -121,11 +121,13 @@ pub struct Links {
 }
 
 impl Links {
-    /// Embedded mode: the in-process bus over `store`, no presence, the given push feed.
-    pub fn embedded(store: Arc<dyn LogStore>, push: Arc<InProcessPush>) -> Links {
-        let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new(store));
+    /// Embedded mode: the in-process bus over `store`, serving what the
+    /// outbox published before (a restart), no presence, the given push feed.
+    pub async fn embedded(store: Arc<dyn LogStore>, push: Arc<InProcessPush>) -> Result<Links, StoreError> {
+        let published = store.load_checkpoint(crate::outbox::CHECKPOINT).await?;
+        let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::published_up_to(store, published));
         let feed = Arc::new(privcomm_projections::worker::BusFeed(bus.clone()));
-        Links { bus, presence: None, push, feed }
+        Ok(Links { bus, presence: None, push, feed })
     }
 
     /// Cluster mode: JetStream, presence and push subjects on one NATS connection.
@@ -145,7 +147,9 @@ pub async fn open_links(config: &ServeConfig, store: Arc<dyn LogStore>) -> anyho
             let bus = NatsBus::connect(url, bus_config).await.context("connecting to NATS JetStream (NATS_URL)")?;
             Ok(Links::nats(Arc::new(bus)))
         }
-        None => Ok(Links::embedded(store, Arc::new(InProcessPush::default()))),
+        None => Links::embedded(store, Arc::new(InProcessPush::default()))
+            .await
+            .context("reading the outbox checkpoint for the in-process bus"),
     }
 }
 

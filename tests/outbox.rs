@@ -150,3 +150,91 @@ async fn sqlite_to_in_process_bus_exactly_once_in_order() -> TestResult {
     let bus = Arc::new(privcomm::bus::inprocess::InProcessBus::new(store.clone()));
     every_event_reaches_the_bus_once_in_order(store, bus).await
 }
+
+/// Publishes `events` events, then swaps the bus for `emptied()` (one that
+/// lost them all) and restarts the publisher with no new commit: the bus
+/// must be refilled anyway, or every subscriber waits for the next commit.
+async fn a_bus_that_lost_its_events_is_refilled_without_a_new_commit<F, Fut>(
+    store: Arc<dyn LogStore>,
+    bus: Arc<dyn EventBus>,
+    emptied: F,
+) -> TestResult
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Arc<dyn EventBus>, Box<dyn std::error::Error + Send + Sync>>>,
+{
+    const EVENTS: u64 = 1_000;
+    for n in 0..EVENTS / PER_APPEND {
+        let events = (0..PER_APPEND).map(|i| event(&format!("lost-{n}-{i}"), 100)).collect();
+        store.append(append("lost", at(n * PER_APPEND), events)).await?;
+    }
+    let (stop, task) = start(&store, &bus);
+    wait_until_published(&bus, EVENTS).await?;
+    // The checkpoint is saved just after the publish: wait for it too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.load_checkpoint(CHECKPOINT).await? < Position(EVENTS) {
+        assert!(tokio::time::Instant::now() < deadline, "the outbox checkpoint never reached {EVENTS}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(());
+    task.await?;
+
+    let bus = emptied().await?;
+    assert_eq!(bus.last_published().await?, Position::START);
+    let (stop, task) = start(&store, &bus);
+    wait_until_published(&bus, EVENTS).await?;
+    let _ = stop.send(());
+    task.await?;
+    assert_eq!(bus.last_published().await?, Position(EVENTS));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_in_process_bus_is_refilled_without_a_new_commit() -> TestResult {
+    let (store, _dir) = support::sqlite_store(Arc::new(SystemClock)).await?;
+    let store: Arc<dyn LogStore> = Arc::new(store);
+    let bus = Arc::new(privcomm::bus::inprocess::InProcessBus::new(store.clone()));
+    // A process restart: the new in-process bus starts with nothing published.
+    let restarted = store.clone();
+    a_bus_that_lost_its_events_is_refilled_without_a_new_commit(store, bus, || async move {
+        Ok(Arc::new(privcomm::bus::inprocess::InProcessBus::new(restarted)) as Arc<dyn EventBus>)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_jetstream_stream_is_refilled_without_a_new_commit() -> TestResult {
+    let (store, db) = support::postgres_store(Arc::new(SystemClock)).await?;
+    let bus = Arc::new(support::nats_bus().await?);
+    let config = bus.config().clone();
+    let cleanup = config.clone();
+    let first = bus.clone();
+    // An operator deleted the stream; the node reconnects and recreates it empty.
+    let result = a_bus_that_lost_its_events_is_refilled_without_a_new_commit(Arc::new(store), bus, || async move {
+        first.delete_stream().await?;
+        let recreated = privcomm::bus::nats::NatsBus::connect(&support::nats_url(), config).await?;
+        Ok(Arc::new(recreated) as Arc<dyn EventBus>)
+    })
+    .await;
+    if let Ok(bus) = privcomm::bus::nats::NatsBus::connect(&support::nats_url(), cleanup).await {
+        let _ = bus.delete_stream().await;
+    }
+    db.drop_database().await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_embedded_node_serves_what_its_outbox_published_before() -> TestResult {
+    let (store, _dir) = support::sqlite_store(Arc::new(SystemClock)).await?;
+    let store: Arc<dyn LogStore> = Arc::new(store);
+    let events = (0..PER_APPEND).map(|i| event(&format!("before-{i}"), 100)).collect();
+    store.append(append("before", at(0), events)).await?;
+    store.save_checkpoint(CHECKPOINT, Position(PER_APPEND)).await?;
+    // What `privcomm serve` opens on restart: nothing to republish.
+    let links = privcomm::serve::Links::embedded(store.clone(), Default::default()).await?;
+    assert_eq!(links.bus.last_published().await?, Position(PER_APPEND));
+    let mut subscription = links.bus.subscribe(Position::START).await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await?.ok_or("ended")??;
+    assert_eq!(first.position, Position(1));
+    Ok(())
+}

@@ -25,7 +25,14 @@ pub struct InProcessBus {
 impl InProcessBus {
     /// A bus over `store`, with nothing published yet.
     pub fn new(store: Arc<dyn EventStore>) -> InProcessBus {
-        InProcessBus { store, published: watch::channel(Position::START).0 }
+        InProcessBus::published_up_to(store, Position::START)
+    }
+
+    /// A bus over `store` that serves the committed events up to `published`
+    /// already: a restarted process resumes at its outbox checkpoint instead
+    /// of republishing the whole log before subscribers see new events.
+    pub fn published_up_to(store: Arc<dyn EventStore>, published: Position) -> InProcessBus {
+        InProcessBus { store, published: watch::channel(published).0 }
     }
 }
 

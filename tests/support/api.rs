@@ -88,7 +88,7 @@ impl TestApi {
                 let read_db = ReadDb::Sqlite(store.writer().clone());
                 let store: Arc<dyn LogStore> = Arc::new(store);
                 let push = Arc::new(InProcessPush::default());
-                let links = Links::embedded(store.clone(), push.clone());
+                let links = Links::embedded(store.clone(), push.clone()).await.map_err(|e| e.to_string())?;
                 (store, links, PushFeed::InProcess(push), Cleanup::Dir(dir), url, read_db)
             }
             Mode::Cluster => {
