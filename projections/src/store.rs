@@ -118,7 +118,7 @@ pub struct PlannedModel {
 #[derive(Debug)]
 enum Writes {
     Ops(Vec<Op>),
-    Sql(Vec<(String, Vec<Value>)>),
+    Sql(Vec<Statement>),
 }
 
 impl PlannedModel {
@@ -472,7 +472,7 @@ const MAX_PARAMETERS: usize = 2_000;
 /// wins, as it would one statement at a time (and PostgreSQL refuses one
 /// statement that touches a row twice). The ops' values move into the
 /// statements' parameters; nothing is copied.
-pub fn statements(ops: Vec<Op>, d: Dialect) -> Vec<(String, Vec<Value>)> {
+pub fn statements(ops: Vec<Op>, d: Dialect) -> Vec<Statement> {
     let ops = fold_into_upserts(ops);
     // Ops that each address one whole key, all keys distinct, commute: a
     // segment of them is written grouped by kind and table. First find the
@@ -513,7 +513,7 @@ pub fn statements(ops: Vec<Op>, d: Dialect) -> Vec<(String, Vec<Value>)> {
         if segment {
             write_segment(taken, &mut out, d);
         } else {
-            out.extend(taken.into_iter().map(|op| statement(op, d)));
+            out.extend(taken.into_iter().map(|op| one_by_one(statement(op, d))));
         }
     }
     out
@@ -615,7 +615,7 @@ fn fold_into_upserts(ops: Vec<Op>) -> Vec<Op> {
 /// Writes a segment of single-key ops on distinct keys: upserts as
 /// multi-row inserts, updates of the same columns as multi-row updates,
 /// the rest one by one.
-fn write_segment(segment: Vec<Op>, out: &mut Vec<(String, Vec<Value>)>, d: Dialect) {
+fn write_segment(segment: Vec<Op>, out: &mut Vec<Statement>, d: Dialect) {
     let mut upserts: Vec<(&'static Table, Vec<Vec<Value>>)> = Vec::new();
     let mut updates: Vec<(&'static Table, Vec<&'static str>, Vec<UpdateRow>)> = Vec::new();
     let mut rest = Vec::new();
@@ -636,29 +636,153 @@ fn write_segment(segment: Vec<Op>, out: &mut Vec<(String, Vec<Value>)>, d: Diale
         }
     }
     for (table, rows) in upserts {
+        if d == Dialect::Postgres && rows.len() > 1 {
+            out.push(unnest_upsert(table, rows));
+            continue;
+        }
         let per_statement = (MAX_PARAMETERS / table.columns.len()).max(1);
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
-            out.push(multi_row_upsert(table, rows.by_ref().take(per_statement).collect(), d));
+            out.push(one_by_one(multi_row_upsert(table, rows.by_ref().take(per_statement).collect(), d)));
         }
     }
     for (table, columns, rows) in updates {
+        if d == Dialect::Postgres && rows.len() > 1 {
+            out.push(unnest_update(table, &columns, rows));
+            continue;
+        }
         let per_statement = (MAX_PARAMETERS / (table.key_len + columns.len())).max(1);
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
-            out.push(multi_row_update(table, &columns, rows.by_ref().take(per_statement).collect(), d));
+            out.push(one_by_one(multi_row_update(table, &columns, rows.by_ref().take(per_statement).collect(), d)));
         }
     }
-    out.extend(rest.into_iter().map(|op| statement(op, d)));
+    out.extend(rest.into_iter().map(|op| one_by_one(statement(op, d))));
+}
+
+/// A statement's SQL and what it binds, in order.
+pub type Statement = (String, Vec<Param>);
+
+/// What a statement binds to one placeholder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Param {
+    /// One value.
+    One(Value),
+    /// A column of a multi-row statement, bound as one PostgreSQL array of
+    /// this kind.
+    Column(Kind, Vec<Value>),
+}
+
+fn one_by_one((sql, values): (String, Vec<Value>)) -> Statement {
+    (sql, values.into_iter().map(Param::One).collect())
+}
+
+/// Rows as columns: the `i`th vector holds every row's `i`th value.
+fn transpose(rows: Vec<Vec<Value>>, width: usize) -> Vec<Vec<Value>> {
+    let mut columns: Vec<Vec<Value>> = (0..width).map(|_| Vec::with_capacity(rows.len())).collect();
+    for row in rows {
+        for (column, value) in columns.iter_mut().zip(row) {
+            column.push(value);
+        }
+    }
+    columns
+}
+
+/// `CAST($1 AS text[]), CAST($2 AS bigint[]), …` for these kinds.
+fn array_params(kinds: &[Kind]) -> String {
+    let d = Dialect::Postgres;
+    let casts: Vec<String> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| format!("CAST({} AS {}[])", d.param(i + 1), d.type_of(*kind)))
+        .collect();
+    casts.join(", ")
+}
+
+/// PostgreSQL: a multi-row upsert with each column bound as one array and
+/// `unnest`ed, so that its text (one per table) is prepared once per
+/// connection and planned generically, whatever the row count, where a
+/// `VALUES` list of N rows is a new statement to parse and plan for every N.
+fn unnest_upsert(table: &'static Table, rows: Vec<Vec<Value>>) -> Statement {
+    let sql = cached_sql((table.name, Vec::new(), 0, Dialect::Postgres), || {
+        let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+        let kinds: Vec<Kind> = table.columns.iter().map(|c| c.kind).collect();
+        format!(
+            "INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) {}",
+            table.name,
+            columns.join(", "),
+            array_params(&kinds),
+            table.key().iter().map(|c| c.name).collect::<Vec<_>>().join(", "),
+            on_conflict(table)
+        )
+    });
+    let columns = transpose(rows, table.columns.len());
+    (sql, table.columns.iter().zip(columns).map(|(c, values)| Param::Column(c.kind, values)).collect())
+}
+
+/// PostgreSQL: a multi-row update of the same columns, as [`unnest_upsert`].
+fn unnest_update(table: &'static Table, columns: &[&'static str], rows: Vec<UpdateRow>) -> Statement {
+    let shape = UpdateShape::of(table, columns);
+    let kinds = shape.kinds.clone();
+    let sql = cached_sql((table.name, columns.to_vec(), 0, Dialect::Postgres), || {
+        format!(
+            "UPDATE {} SET {} FROM unnest({}) AS v ({}) WHERE {}",
+            table.name,
+            shape.assignments,
+            array_params(&shape.kinds),
+            shape.names,
+            shape.matches
+        )
+    });
+    let rows = rows.into_iter().map(|(key, set)| key.into_iter().chain(set).collect()).collect();
+    (sql, kinds.iter().zip(transpose(rows, kinds.len())).map(|(kind, values)| Param::Column(*kind, values)).collect())
+}
+
+/// `DO UPDATE SET` every non-key column (`DO NOTHING` if there is none).
+fn on_conflict(table: &Table) -> String {
+    let updates: Vec<String> =
+        table.columns[table.key_len..].iter().map(|c| format!("{0} = excluded.{0}", c.name)).collect();
+    if updates.is_empty() { "DO NOTHING".to_owned() } else { format!("DO UPDATE SET {}", updates.join(", ")) }
 }
 
 /// One row of a multi-row update: its key, and the new values of the updated columns.
 type UpdateRow = (Vec<Value>, Vec<Value>);
 
+/// The parts of a multi-row update of `columns` of a table, joined with
+/// its rows as `v`: the key's and the columns' kinds and names, `c = v.c`
+/// for each column, `table.k = v.k` for each key column.
+struct UpdateShape {
+    kinds: Vec<Kind>,
+    names: String,
+    assignments: String,
+    matches: String,
+}
+
+impl UpdateShape {
+    fn of(table: &Table, columns: &[&'static str]) -> UpdateShape {
+        let kinds = table
+            .key()
+            .iter()
+            .map(|c| c.kind)
+            .chain(columns.iter().map(|c| table.column(c).map_or(Kind::Text, |c| c.kind)))
+            .collect();
+        let names: Vec<&str> = table.key().iter().map(|c| c.name).chain(columns.iter().copied()).collect();
+        let assignments: Vec<String> = columns.iter().map(|c| format!("{c} = v.{c}")).collect();
+        let matches: Vec<String> = table.key().iter().map(|c| format!("{0}.{1} = v.{1}", table.name, c.name)).collect();
+        UpdateShape {
+            kinds,
+            names: names.join(", "),
+            assignments: assignments.join(", "),
+            matches: matches.join(" AND "),
+        }
+    }
+}
+
 /// SQL text of multi-row statements by shape: a replay writes thousands of
 /// statements of a few shapes, and formatting hundreds of placeholders
 /// each time cost more than executing them. Bounded: a shape is a table,
-/// its updated columns and a row count up to [`MAX_PARAMETERS`].
+/// its updated columns and a row count up to [`MAX_PARAMETERS`] (0 for
+/// PostgreSQL's array statements, whose text fits any count).
 fn cached_sql(shape: (&'static str, Vec<&'static str>, usize, Dialect), build: impl FnOnce() -> String) -> String {
     type Shapes = HashMap<(&'static str, Vec<&'static str>, usize, Dialect), String>;
     static SQL: std::sync::LazyLock<Mutex<Shapes>> = std::sync::LazyLock::new(Default::default);
@@ -678,16 +802,12 @@ fn multi_row_update(
         return statement(Op::Update { table, key, set }, d);
     }
     let sql = cached_sql((table.name, columns.to_vec(), rows.len(), d), || {
-        let kinds: Vec<Kind> = table
-            .key()
-            .iter()
-            .map(|c| c.kind)
-            .chain(columns.iter().map(|c| table.column(c).map_or(Kind::Text, |c| c.kind)))
-            .collect();
-        let width = kinds.len();
+        let shape = UpdateShape::of(table, columns);
+        let width = shape.kinds.len();
         let tuples: Vec<String> = (0..rows.len())
             .map(|r| {
-                let cells: Vec<String> = kinds
+                let cells: Vec<String> = shape
+                    .kinds
                     .iter()
                     .enumerate()
                     .map(|(c, kind)| format!("CAST({} AS {})", d.param(r * width + c + 1), d.type_of(*kind)))
@@ -695,16 +815,13 @@ fn multi_row_update(
                 format!("({})", cells.join(", "))
             })
             .collect();
-        let names: Vec<&str> = table.key().iter().map(|c| c.name).chain(columns.iter().copied()).collect();
-        let assignments: Vec<String> = columns.iter().map(|c| format!("{c} = v.{c}")).collect();
-        let matches: Vec<String> = table.key().iter().map(|c| format!("{0}.{1} = v.{1}", table.name, c.name)).collect();
         format!(
             "WITH v ({}) AS (VALUES {}) UPDATE {} SET {} FROM v WHERE {}",
-            names.join(", "),
+            shape.names,
             tuples.join(", "),
             table.name,
-            assignments.join(", "),
-            matches.join(" AND ")
+            shape.assignments,
+            shape.matches
         )
     });
     let values = rows.into_iter().flat_map(|(key, set)| key.into_iter().chain(set)).collect();
@@ -719,16 +836,13 @@ fn multi_row_upsert(table: &'static Table, rows: Vec<Vec<Value>>, d: Dialect) ->
             .map(|r| format!("({})", (1..=width).map(|c| d.param(r * width + c)).collect::<Vec<_>>().join(", ")))
             .collect();
         let keys: Vec<&str> = table.key().iter().map(|c| c.name).collect();
-        let updates: Vec<String> =
-            table.columns[table.key_len..].iter().map(|c| format!("{0} = excluded.{0}", c.name)).collect();
-        let conflict =
-            if updates.is_empty() { "DO NOTHING".to_owned() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
         format!(
-            "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) {conflict}",
+            "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) {}",
             table.name,
             columns.join(", "),
             tuples.join(", "),
-            keys.join(", ")
+            keys.join(", "),
+            on_conflict(table)
         )
     });
     (sql, rows.into_iter().flatten().collect())
@@ -795,22 +909,72 @@ pub fn statement(op: Op, d: Dialect) -> (String, Vec<Value>) {
     }
 }
 
-/// Binds values to a query of either backend.
-macro_rules! bind_values {
-    ($query:expr, $values:expr) => {{
-        let mut query = $query;
-        for value in $values {
-            query = match value {
-                Value::Int(v) => query.bind(*v),
-                Value::Text(v) => query.bind(v.as_str()),
-                Value::Bytes(v) => query.bind(v.as_slice()),
-                Value::Null(KindTag::Int) => query.bind(None::<i64>),
-                Value::Null(KindTag::Text) => query.bind(None::<&str>),
-                Value::Null(KindTag::Bytes) => query.bind(None::<&[u8]>),
+/// Binds one value to a query of either backend.
+macro_rules! bind_value {
+    ($query:expr, $value:expr) => {
+        match $value {
+            Value::Int(v) => $query.bind(*v),
+            Value::Text(v) => $query.bind(v.as_str()),
+            Value::Bytes(v) => $query.bind(v.as_slice()),
+            Value::Null(KindTag::Int) => $query.bind(None::<i64>),
+            Value::Null(KindTag::Text) => $query.bind(None::<&str>),
+            Value::Null(KindTag::Bytes) => $query.bind(None::<&[u8]>),
+        }
+    };
+}
+
+/// A column's values as an array's elements (NULL as `None`); a value of
+/// another kind is refused, as a mistyped single parameter would be.
+fn array_of<'q, T>(
+    values: &'q [Value],
+    cell: impl Fn(&'q Value) -> Option<T>,
+) -> Result<Vec<Option<T>>, ProjectionError> {
+    values
+        .iter()
+        .map(|value| match value {
+            Value::Null(_) => Ok(None),
+            other => cell(other)
+                .map(Some)
+                .ok_or_else(|| ProjectionError::Storage(format!("{other:?} in an array of another kind").into())),
+        })
+        .collect()
+}
+
+/// A statement's parameters bound to a query of one backend.
+trait BindParams<'q>: Sized {
+    fn bind_params(self, params: &'q [Param]) -> Result<Self, ProjectionError>;
+}
+
+impl<'q> BindParams<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_params(mut self, params: &'q [Param]) -> Result<Self, ProjectionError> {
+        for param in params {
+            self = match param {
+                Param::One(value) => bind_value!(self, value),
+                Param::Column(Kind::Int, values) => {
+                    self.bind(array_of(values, |v| if let Value::Int(v) = v { Some(*v) } else { None })?)
+                }
+                Param::Column(Kind::Text, values) => {
+                    self.bind(array_of(values, |v| if let Value::Text(v) = v { Some(v.as_str()) } else { None })?)
+                }
+                Param::Column(Kind::Bytes, values) => {
+                    self.bind(array_of(values, |v| if let Value::Bytes(v) = v { Some(v.as_slice()) } else { None })?)
+                }
             };
         }
-        query
-    }};
+        Ok(self)
+    }
+}
+
+impl<'q> BindParams<'q> for sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    fn bind_params(mut self, params: &'q [Param]) -> Result<Self, ProjectionError> {
+        for param in params {
+            self = match param {
+                Param::One(value) => bind_value!(self, value),
+                Param::Column(..) => return Err(ProjectionError::Storage("SQLite has no array parameters".into())),
+            };
+        }
+        Ok(self)
+    }
 }
 
 /// Reads one column of a row of either backend as a [`Value`].
@@ -861,7 +1025,7 @@ fn now_us() -> i64 {
 
 /// Begins a read-model transaction. On PostgreSQL it turns off hash and
 /// merge joins for the transaction: PostgreSQL plans a multi-row `UPDATE …
-/// FROM (VALUES …)` of a few hundred keys as a hash join over a sequential
+/// FROM` of a few hundred keys as a hash join over a sequential
 /// scan of the whole table (measured: 24 ms for 400 keys in a 100,000-row
 /// mailbox, and growing with it; under the relay load run the mailbox
 /// model fell seconds behind), where each key has an index and a nested
@@ -899,7 +1063,7 @@ macro_rules! write_planned {
             return Err(ProjectionError::Storage("ops planned for a SQL store".into()));
         };
         for (sql, values) in statements {
-            bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values).execute(&mut *$tx).await?;
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind_params(&values)?.execute(&mut *$tx).await?;
         }
         sqlx::query(SAVE_CHECKPOINT)
             .bind(planned.to.0 as i64)
@@ -1093,11 +1257,28 @@ pub(crate) mod tests {
         let ops = vec![row("a", 1), row("b", 2), row("a", 3), delete, row("c", 4)];
         let written = statements(ops.clone(), Dialect::Postgres);
         assert_eq!(written.len(), 3, "{written:?}");
-        assert!(written[0].0.contains("VALUES ($1, $2), ($3, $4) ON CONFLICT (event_type)"), "{}", written[0].0);
-        assert_eq!(written[0].1, vec![Value::text("a"), Value::Int(1), Value::text("b"), Value::Int(2)]);
-        assert_eq!(written[1].1, vec![Value::text("a"), Value::Int(3), Value::text("c"), Value::Int(4)]);
+        assert_eq!(
+            written[0].0,
+            "INSERT INTO rm_event_counts (event_type, events) SELECT * FROM unnest(CAST($1 AS text[]), \
+             CAST($2 AS bigint[])) ON CONFLICT (event_type) DO UPDATE SET events = excluded.events"
+        );
+        let columns = |keys: [&str; 2], counts: [i64; 2]| {
+            vec![
+                Param::Column(Kind::Text, keys.into_iter().map(Value::text).collect()),
+                Param::Column(Kind::Int, counts.into_iter().map(Value::Int).collect()),
+            ]
+        };
+        assert_eq!(written[0].1, columns(["a", "b"], [1, 2]));
+        assert_eq!(written[1].0, written[0].0, "one statement text whatever the row count");
+        assert_eq!(written[1].1, columns(["a", "c"], [3, 4]));
         assert!(written[2].0.starts_with("DELETE FROM rm_event_counts"));
-        assert!(statements(ops, Dialect::Sqlite)[0].0.contains("VALUES (?, ?), (?, ?)"));
+        let sqlite = statements(ops, Dialect::Sqlite);
+        assert!(sqlite[0].0.contains("VALUES (?, ?), (?, ?)"), "{}", sqlite[0].0);
+        let one = |value| Param::One(value);
+        assert_eq!(
+            sqlite[0].1,
+            vec![one(Value::text("a")), one(Value::Int(1)), one(Value::text("b")), one(Value::Int(2))]
+        );
     }
 
     #[test]
@@ -1132,13 +1313,32 @@ pub(crate) mod tests {
             fold_into_upserts(twice),
             vec![Op::Upsert { table: &MAILBOX, row }, Op::Upsert { table: &MAILBOX, row: again }]
         );
-        let two = statements(vec![ops[1].clone(), Op::Update { table: &MAILBOX, key, set: settle }], Dialect::Postgres);
+        let two_ops = vec![ops[1].clone(), Op::Update { table: &MAILBOX, key, set: settle }];
+        let two = statements(two_ops.clone(), Dialect::Postgres);
         assert_eq!(two.len(), 1);
-        assert!(
-            two[0].0.starts_with("WITH v (recipient, message_id, settled, settled_at_us) AS (VALUES (CAST($1 AS text)"),
-            "{}",
-            two[0].0
+        assert_eq!(
+            two[0].0,
+            "UPDATE rm_mailbox SET settled = v.settled, settled_at_us = v.settled_at_us FROM unnest(CAST($1 AS text[]), \
+             CAST($2 AS text[]), CAST($3 AS text[]), CAST($4 AS bigint[])) AS v (recipient, message_id, settled, \
+             settled_at_us) WHERE rm_mailbox.recipient = v.recipient AND rm_mailbox.message_id = v.message_id"
         );
+        let sqlite = statements(two_ops, Dialect::Sqlite);
+        assert!(
+            sqlite[0]
+                .0
+                .starts_with("WITH v (recipient, message_id, settled, settled_at_us) AS (VALUES (CAST(? AS TEXT)"),
+            "{}",
+            sqlite[0].0
+        );
+    }
+
+    #[test]
+    fn a_value_of_another_kind_in_an_array_is_refused_not_written_as_null() {
+        let fine = [Param::Column(Kind::Int, vec![Value::Int(1), Value::Null(KindTag::Int)])];
+        assert!(sqlx::query::<sqlx::Postgres>("SELECT $1").bind_params(&fine).is_ok());
+        let mixed = [Param::Column(Kind::Int, vec![Value::Int(1), Value::text("1")])];
+        assert!(sqlx::query::<sqlx::Postgres>("SELECT $1").bind_params(&mixed).is_err());
+        assert!(sqlx::query::<sqlx::Sqlite>("SELECT ?").bind_params(&fine).is_err(), "SQLite has no arrays");
     }
 
     #[test]
