@@ -82,7 +82,15 @@ impl PostgresEventStore {
         let mut listener = PgListener::connect_with(&pool).await.map_err(sql_error)?;
         listener.listen(NOTIFY_CHANNEL).await.map_err(sql_error)?;
         let listener = tokio::spawn(listen_for_heads(listener, pool.clone(), head.clone()));
-        let committer = GroupCommitter::spawn(PostgresBatchWriter { pool: pool.clone() }, clock.clone(), head.clone());
+        // The writer gets one connection of its own, made on its thread.
+        let options = (*pool.connect_options()).clone();
+        let make = move || PostgresBatchWriter {
+            pool: PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options),
+        };
+        let committer = GroupCommitter::spawn_on_own_thread(make, clock.clone(), head.clone());
         Ok(PostgresEventStore { pool, committer, head, clock, listener })
     }
 
