@@ -87,3 +87,32 @@ async fn nats_refuses_a_republish_even_after_the_dedup_window() -> TestResult {
     assert_eq!(last, Position(3));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_all_models_consumer_retires_the_per_model_consumers_of_earlier_versions() -> TestResult {
+    use async_nats::jetstream::consumer;
+    use futures::TryStreamExt as _;
+    use privcomm_projections::worker::{ALL_MODELS_CONSUMER, Feed as _};
+    let bus = Arc::new(support::nats_bus().await?);
+    let stream = bus.jetstream().get_stream(&bus.config().stream_name).await?;
+    // What a node of an earlier version left behind, and someone else's consumer.
+    for name in ["privcomm-projection-mailbox", "privcomm-projection-key-directory", "audit-tool"] {
+        let config = consumer::pull::Config { durable_name: Some(name.into()), ..Default::default() };
+        stream.create_consumer(config).await?;
+    }
+    let feed = privcomm::bus::nats::NatsFeed::new(bus.clone());
+    let result = async {
+        let _events = feed.open(ALL_MODELS_CONSUMER, Position::START).await?;
+        let mut names: Vec<String> = stream.consumer_names().try_collect().await?;
+        names.sort();
+        assert_eq!(names, ["audit-tool", "privcomm-projection-all"]);
+        // A worker of one model keeps the others' consumers (it is not the one that replaced them).
+        let _one = feed.open("privcomm-projection-mailbox", Position::START).await?;
+        let names: Vec<String> = stream.consumer_names().try_collect().await?;
+        assert_eq!(names.len(), 3, "{names:?}");
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    bus.delete_stream().await?;
+    result
+}

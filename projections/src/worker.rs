@@ -29,6 +29,13 @@ use tokio::sync::watch;
 /// load run 100 ms gave the lowest delay of 20, 100, 200 and 300 ms.
 pub const LINGER: Duration = Duration::from_millis(100);
 
+/// Name prefix of the feed consumers of projection workers.
+pub const CONSUMER_PREFIX: &str = "privcomm-projection-";
+
+/// The feed consumer of a worker that applies every read model (what
+/// `privcomm serve` runs); a worker of one model names its consumer after it.
+pub const ALL_MODELS_CONSUMER: &str = "privcomm-projection-all";
+
 /// Most events applied in one transaction.
 pub const MAX_BATCH: usize = 4_000;
 
@@ -269,8 +276,8 @@ impl Worker {
         }
         let Some(checkpoint) = lowest else { return Ended::Stopped };
         let consumer = match self.models.as_slice() {
-            [model] => format!("privcomm-projection-{}", model.name().replace('_', "-")),
-            _ => "privcomm-projection-all".to_owned(),
+            [model] => format!("{CONSUMER_PREFIX}{}", model.name().replace('_', "-")),
+            _ => ALL_MODELS_CONSUMER.to_owned(),
         };
         let mut feed = match self.feed.open(&consumer, checkpoint).await {
             Ok(feed) => feed,

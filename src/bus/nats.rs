@@ -13,9 +13,10 @@
 
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, message::PublishMessage, stream};
 use async_trait::async_trait;
-use futures::StreamExt as _;
 use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
 use privcomm_domain::{BusError, EventBus, Position, RecordedEvent};
+use privcomm_projections::worker::{ALL_MODELS_CONSUMER, CONSUMER_PREFIX};
 use privcomm_relay::presence::Signal;
 use privcomm_relay::push::{PushRequest, PushSink};
 use std::time::Duration;
@@ -231,6 +232,31 @@ impl PushSink for NatsPush {
     }
 }
 
+/// Deletes the durable consumers that versions before 2026-11-29 ran, one
+/// per read model (`privcomm-projection-<model>`): once one worker applies
+/// every model nobody pulls from them, and `nats consumer ls` would show
+/// them ever further behind. A failure is logged and retried at the next
+/// start; it changes nothing for the workers.
+async fn retire_per_model_consumers(stream: &jetstream::stream::Stream) {
+    let names: Vec<String> = match stream.consumer_names().try_collect().await {
+        Ok(names) => names,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the stream's consumers to retire per-model ones");
+            return;
+        }
+    };
+    for name in names {
+        if name.starts_with(CONSUMER_PREFIX) && name != ALL_MODELS_CONSUMER {
+            match stream.delete_consumer(&name).await {
+                Ok(_) => {
+                    tracing::info!(consumer = %name, "deleted a per-model projection consumer of an earlier version")
+                }
+                Err(error) => tracing::warn!(consumer = %name, %error, "cannot delete a per-model projection consumer"),
+            }
+        }
+    }
+}
+
 /// Durable JetStream consumers for the projection workers.
 ///
 /// Each worker has its own durable pull consumer (`privcomm serve` runs one,
@@ -276,6 +302,9 @@ impl privcomm_projections::worker::Feed for NatsFeed {
             })
             .await
             .map_err(transport)?;
+        if consumer == ALL_MODELS_CONSUMER {
+            retire_per_model_consumers(&stream).await;
+        }
         // Pull as many as a worker batch takes, so a worker that fell behind catches up in big batches.
         let messages = durable
             .stream()
