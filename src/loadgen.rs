@@ -322,7 +322,7 @@ async fn load(args: &LoadgenArgs, db_url: &str, stream: &str) -> anyhow::Result<
             async move {
                 let mut request = url.into_client_request()?;
                 request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
-                let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), false)
+                let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
                     .await
                     .context("connecting a client")?;
                 anyhow::Ok(socket)

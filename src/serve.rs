@@ -321,6 +321,14 @@ pub async fn run(
     );
     let address = listener.local_addr().context("reading the listen address")?;
     tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
+    // No Nagle: a relay writes small frames back to back (`sent`, then
+    // `message`s), and a frame held back until the client acknowledges the
+    // previous one waits out the client's delayed ACK (40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
