@@ -12,6 +12,7 @@
 //!   (`privcomm bench-store`, `privcomm bench-api`).
 //! - [`keygen`]: real libsignal key material for benchmarks and tests.
 //! - [`loadgen`]: the relay load run (`privcomm loadgen`).
+//! - [`sockets`]: Nagle's algorithm off on PostgreSQL connections (FFI).
 //! - [`sqlite_memory`]: SQLite's allocations through mimalloc (FFI).
 //!
 //! The domain, API, relay and projection crates know only the traits; this
@@ -33,4 +34,5 @@ pub mod outbox;
 pub mod plot;
 pub mod projector;
 pub mod serve;
+pub mod sockets;
 pub mod sqlite_memory;

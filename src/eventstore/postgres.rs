@@ -62,9 +62,20 @@ impl Drop for PostgresEventStore {
     }
 }
 
+/// Pool options for every PostgreSQL pool: each new connection gets
+/// `TCP_NODELAY` (see [`crate::sockets`]).
+fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new().after_connect(|_connection, _metadata| {
+        Box::pin(async {
+            crate::sockets::disable_nagle();
+            Ok(())
+        })
+    })
+}
+
 /// Connects a pool to `url`.
 pub async fn connect_pool(url: &str, size: PoolSize) -> Result<PgPool, StoreError> {
-    PgPoolOptions::new()
+    pool_options()
         .min_connections(size.min)
         .max_connections(size.max)
         .acquire_timeout(Duration::from_secs(5))
@@ -85,10 +96,7 @@ impl PostgresEventStore {
         // The writer gets one connection of its own, made on its thread.
         let options = (*pool.connect_options()).clone();
         let make = move || PostgresBatchWriter {
-            pool: PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy_with(options),
+            pool: pool_options().max_connections(1).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options),
         };
         let committer = GroupCommitter::spawn_on_own_thread(make, clock.clone(), head.clone());
         Ok(PostgresEventStore { pool, committer, head, clock, listener })
