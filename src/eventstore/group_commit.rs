@@ -56,9 +56,10 @@ impl GroupCommitter {
     /// the writer there with `make` (so its connections belong to that
     /// runtime). A writer that holds a lock other processes wait for across
     /// round trips should not queue behind a busy node's tasks each time its
-    /// socket is ready: on the node's runtime, under the relay load run, the
-    /// PostgreSQL head lock was held ~40 ms per batch for 1.7 ms of work.
-    /// If the thread cannot start, appends fail with [`StoreError::Closed`].
+    /// socket is ready (in the relay load run: p99 470–472 ms against
+    /// 481–500 ms on the node's runtime, before ADR 0013 removed the larger
+    /// delay). If the thread cannot start, appends fail with
+    /// [`StoreError::Closed`].
     pub(crate) fn spawn_on_own_thread<W: BatchWriter>(
         make: impl FnOnce() -> W + Send + 'static,
         clock: Arc<dyn Clock>,
