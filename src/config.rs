@@ -56,7 +56,8 @@ pub struct ServeConfig {
     /// PostgreSQL connections kept open.
     #[arg(long, env = "DB_POOL_MIN_SIZE", default_value_t = 5)]
     pub db_pool_min_size: u32,
-    /// PostgreSQL connections at most.
+    /// PostgreSQL connections of the node's pool at most (the append writer,
+    /// notifications, leader elections and the projection workers hold their own).
     #[arg(long, env = "DB_POOL_MAX_SIZE", default_value_t = 20)]
     pub db_pool_max_size: u32,
     /// Apply pending PostgreSQL migrations at start-up (embedded mode always does).
