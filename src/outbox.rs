@@ -93,6 +93,11 @@ impl OutboxPublisher {
         if bus_last >= checkpoint {
             return Ok(checkpoint);
         }
+        self.fall_back(checkpoint, bus_last).await
+    }
+
+    /// The bus holds less than `checkpoint`: continue from its last event.
+    async fn fall_back(&self, checkpoint: Position, bus_last: Position) -> Result<Position, OutboxError> {
         tracing::warn!(%checkpoint, %bus_last, "bus is behind the outbox checkpoint; republishing from the bus's last event");
         self.store.save_checkpoint(CHECKPOINT, bus_last).await?;
         Ok(bus_last)
@@ -114,11 +119,7 @@ impl OutboxPublisher {
                         self.store.save_checkpoint(CHECKPOINT, last).await?;
                         Ok::<_, OutboxError>(last)
                     }
-                    Step::Resync(bus_last) => {
-                        tracing::warn!(checkpoint = %from, %bus_last, "bus is behind the outbox checkpoint; republishing from the bus's last event");
-                        self.store.save_checkpoint(CHECKPOINT, bus_last).await?;
-                        Ok(bus_last)
-                    }
+                    Step::Resync(bus_last) => self.fall_back(from, bus_last).await,
                     Step::UpToDate => {
                         self.store.wait_for_events_after(from).await?;
                         Ok(from)
