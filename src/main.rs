@@ -15,11 +15,13 @@ struct Cli {
 enum Command {
     /// Run the server (every role in one process).
     Serve(ServeConfig),
-    /// Apply pending database migrations.
+    /// Database migrations: apply (default), roll back, show, print.
     Migrate {
         /// `sqlite:PATH` or `postgres://…`.
-        #[arg(long, env = "DATABASE_URL", default_value = privcomm::config::DEFAULT_DATABASE_URL)]
+        #[arg(long, env = "DATABASE_URL", default_value = privcomm::config::DEFAULT_DATABASE_URL, global = true)]
         database_url: String,
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
     },
     /// Benchmark the event store and print figures (see docs/BENCHMARKS.md).
     BenchStore(privcomm::bench::BenchArgs),
@@ -41,6 +43,61 @@ enum Command {
     Retention(privcomm::audit::RetentionCommand),
     /// Print a new checkpoint signing key (CHECKPOINT_SIGNING_KEY) and its public key.
     CheckpointKey,
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration (the default).
+    Up,
+    /// Roll back the last N applied migrations, newest first.
+    Down {
+        /// How many.
+        #[arg(default_value_t = 1)]
+        count: usize,
+        /// Allow rolling back the event log itself while it holds events.
+        #[arg(long)]
+        allow_data_loss: bool,
+    },
+    /// Every migration: applied (with when) or pending, with checksums.
+    Status,
+    /// Print the SQL that `up` (or `down N`) would run; execute nothing.
+    Sql {
+        /// `up` (every pending migration) or `down`.
+        #[arg(value_enum, default_value = "up")]
+        direction: privcomm::migrate::Direction,
+        /// With `down`: how many.
+        #[arg(default_value_t = 1)]
+        count: usize,
+    },
+}
+
+async fn migrate(database_url: &str, action: MigrateAction) -> anyhow::Result<()> {
+    use privcomm::migrate;
+    match action {
+        MigrateAction::Up => {
+            let applied = migrate::up(database_url).await?;
+            match applied.as_slice() {
+                [] => println!("nothing to apply; the database is up to date"),
+                _ => println!("applied {} migration(s) {applied:?}; the database is up to date", applied.len()),
+            }
+        }
+        MigrateAction::Down { count, allow_data_loss } => {
+            let reverted = migrate::down(database_url, count, allow_data_loss).await?;
+            match reverted.as_slice() {
+                [] => println!("nothing to roll back; no migration is applied"),
+                _ => println!("rolled back {} migration(s) {reverted:?}", reverted.len()),
+            }
+        }
+        MigrateAction::Status => {
+            let rows = migrate::status(database_url).await?;
+            print!("{}", migrate::status_table(&rows));
+            if let Some(refusal) = migrate::refusal(&rows) {
+                anyhow::bail!(refusal);
+            }
+        }
+        MigrateAction::Sql { direction, count } => print!("{}", migrate::sql(database_url, direction, count).await?),
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -93,11 +150,9 @@ async fn main() -> std::process::ExitCode {
             init_logging(config.log_format);
             serve(config).await
         }
-        Command::Migrate { database_url } => {
-            init_logging(LogFormat::Text);
-            privcomm::migrate::migrate_up(&database_url).await.map(|applied| {
-                println!("applied {applied} migration(s); the database is up to date");
-            })
+        Command::Migrate { database_url, action } => {
+            init_logging_with(LogFormat::Text, "warn");
+            migrate(&database_url, action.unwrap_or(MigrateAction::Up)).await
         }
         Command::BenchStore(args) => {
             init_logging(LogFormat::Text);

@@ -64,7 +64,7 @@ impl Drop for PostgresEventStore {
 
 /// Pool options for every PostgreSQL pool: each new connection gets
 /// `TCP_NODELAY` (see [`crate::sockets`]).
-fn pool_options() -> PgPoolOptions {
+pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new().after_connect(|_connection, _metadata| {
         Box::pin(async {
             crate::sockets::disable_nagle();
