@@ -172,10 +172,12 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
     let unlimited = RateLimit { requests: 1_000_000, per: Duration::from_secs(1) };
     let config = privcomm_api::ApiConfig {
         secret_key: b"bench-secret-key-bench-secret-key-0123".to_vec(),
+        previous_secret_key: None,
         tokens: Default::default(),
         rate_limits: RateLimits { registration: unlimited, key_bundle: unlimited, token_issue: unlimited },
         cors_origins: vec![],
         user_cache_capacity: args.users + 100,
+        node: Default::default(),
     };
     let links = crate::serve::Links::embedded(store.clone(), Default::default()).await?;
     let (_keep_connections_open, connections_stop) = tokio::sync::watch::channel(false);
@@ -187,6 +189,7 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         privcomm_relay::RelaySettings::default(),
         connections_stop,
         &[],
+        &crate::config::Role::ALL,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -32,9 +32,43 @@ pub enum LogFormat {
     Text,
 }
 
+/// What a `privcomm serve` process does. Every process also serves
+/// `/health/` and `/metrics`, and competes to be the cluster's outbox
+/// publisher (ADR 0009).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Role {
+    /// The HTTP API: accounts, keys, login tokens, push tokens, OpenAPI.
+    Api,
+    /// The WebSocket relay, its doorbells and its presence.
+    Relay,
+    /// Projection workers, retention jobs and signed checkpoints (one
+    /// process at a time runs them; the others stand by).
+    Projector,
+}
+
+impl Role {
+    /// Every role: the default.
+    pub const ALL: [Role; 3] = [Role::Api, Role::Relay, Role::Projector];
+
+    /// The name used in `ROLES`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Relay => "relay",
+            Role::Projector => "projector",
+        }
+    }
+}
+
 /// Settings of `privcomm serve`.
 #[derive(Clone, Debug, Args)]
 pub struct ServeConfig {
+    /// Roles this process runs, comma-separated: any of api, relay, projector.
+    #[arg(long, env = "ROLES", value_enum, value_delimiter = ',', default_value = "api,relay,projector")]
+    pub roles: Vec<Role>,
+    /// This process's name in logs, `/health/` and `/metrics` (default: host name and process id).
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -50,6 +84,10 @@ pub struct ServeConfig {
     /// Secret for signing login tokens (at least 32 bytes in production).
     #[arg(long, env = "SECRET_KEY", default_value = DEVELOPMENT_SECRET_KEY, hide_env_values = true, hide_default_value = true)]
     pub secret_key: String,
+    /// The secret before a rotation: tokens and challenges signed with it are
+    /// accepted for one token lifetime (5 minutes) after the start.
+    #[arg(long, env = "SECRET_KEY_PREVIOUS", hide_env_values = true)]
+    pub secret_key_previous: Option<String>,
     /// `development` or `production`.
     #[arg(long, env = "ENVIRONMENT", value_enum, default_value = "development")]
     pub environment: Environment,
@@ -163,6 +201,22 @@ pub enum ConfigError {
     /// A checkpoint key that is not a 32-byte hex seed.
     #[error("CHECKPOINT_SIGNING_KEY must be 64 hex digits (an Ed25519 seed; `privcomm checkpoint-key` makes one)")]
     InvalidCheckpointKey,
+    /// The previous secret is the current one.
+    #[error(
+        "SECRET_KEY_PREVIOUS is the same as SECRET_KEY; set it to the secret you are rotating away from, or unset it"
+    )]
+    PreviousSecretKeyIsCurrent,
+    /// Production accepting tokens anyone can forge.
+    #[error(
+        "SECRET_KEY_PREVIOUS is the built-in development default: anyone could forge tokens with it; unset it with ENVIRONMENT=production"
+    )]
+    DefaultPreviousSecretKey,
+    /// No role at all.
+    #[error("ROLES must name at least one of api, relay, projector")]
+    NoRole,
+    /// A node id that would garble logs and metrics.
+    #[error("NODE_ID {0:?} must be 1 to 64 letters, digits, '.', '_' or '-'")]
+    InvalidNodeId(String),
     /// An origin that is not `scheme://host[:port]`.
     #[error("CORS_ORIGINS entry {0:?} is not an origin like https://app.example.org")]
     InvalidCorsOrigin(String),
@@ -182,6 +236,20 @@ impl ServeConfig {
         let backend = Backend::of_url(&self.database_url).ok_or(ConfigError::UnsupportedDatabaseUrl)?;
         if backend == Backend::Sqlite && self.database_url.contains(":memory:") {
             return Err(ConfigError::InMemorySqlite);
+        }
+        if self.roles.is_empty() {
+            return Err(ConfigError::NoRole);
+        }
+        if let Some(id) = &self.node_id {
+            let valid = !id.is_empty()
+                && id.len() <= 64
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                return Err(ConfigError::InvalidNodeId(id.clone()));
+            }
+        }
+        if self.secret_key_previous.as_deref() == Some(self.secret_key.as_str()) {
+            return Err(ConfigError::PreviousSecretKeyIsCurrent);
         }
         if self.db_pool_min_size > self.db_pool_max_size || self.db_pool_max_size == 0 {
             return Err(ConfigError::PoolBounds { min: self.db_pool_min_size, max: self.db_pool_max_size });
@@ -205,6 +273,9 @@ impl ServeConfig {
             if self.secret_key.len() < 32 {
                 return Err(ConfigError::ShortSecretKey(self.secret_key.len()));
             }
+            if self.secret_key_previous.as_deref() == Some(DEVELOPMENT_SECRET_KEY) {
+                return Err(ConfigError::DefaultPreviousSecretKey);
+            }
             if backend == Backend::Postgres && has_default_password(&self.database_url) {
                 return Err(ConfigError::DefaultDatabasePassword);
             }
@@ -213,6 +284,20 @@ impl ServeConfig {
             }
         }
         Ok(backend)
+    }
+
+    /// Whether this process runs `role`.
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// `NODE_ID`, or the host name and process id.
+    pub fn node_name(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let host = host.trim();
+            format!("{}-{}", if host.is_empty() { "privcomm" } else { host }, std::process::id())
+        })
     }
 
     /// The checkpoint signer, if a key is configured (validated by [`ServeConfig::validate`]).
@@ -226,6 +311,7 @@ impl ServeConfig {
     pub fn api_config(&self) -> privcomm_api::ApiConfig {
         privcomm_api::ApiConfig {
             secret_key: self.secret_key.as_bytes().to_vec(),
+            previous_secret_key: self.secret_key_previous.as_ref().map(|k| k.as_bytes().to_vec()),
             tokens: privcomm_api::tokens::TokenSettings::default(),
             rate_limits: RateLimits {
                 registration: self.rate_limit_registration,
@@ -234,6 +320,10 @@ impl ServeConfig {
             },
             cors_origins: self.cors_origins.clone(),
             user_cache_capacity: self.user_cache_size,
+            node: privcomm_api::health::NodeIdentity {
+                node: self.node_name(),
+                roles: self.roles.iter().map(|r| r.name().to_owned()).collect(),
+            },
         }
     }
 }
@@ -325,6 +415,36 @@ mod tests {
         assert!(matches!(config.validate(), Err(ConfigError::LocalhostCorsOrigin(_))));
         let config = parse(&["--cors-origins", "not an origin"]);
         assert!(matches!(config.validate(), Err(ConfigError::InvalidCorsOrigin(_))));
+    }
+
+    #[test]
+    fn roles_node_ids_and_previous_secrets_are_checked() {
+        let config = parse(&[]);
+        assert_eq!(config.roles, Role::ALL);
+        let config = parse(&["--roles", "relay,projector"]);
+        assert!(!config.runs(Role::Api) && config.runs(Role::Relay) && config.runs(Role::Projector));
+        let cli = |args: &[&str]| Cli::try_parse_from(std::iter::once("privcomm").chain(args.iter().copied()));
+        assert!(cli(&["--roles", "api,mailman"]).is_err());
+        assert_eq!(parse(&["--node-id", "relay-1.eu"]).validate(), Ok(Backend::Sqlite));
+        assert_eq!(parse(&["--node-id", "relay-1.eu"]).node_name(), "relay-1.eu");
+        assert!(parse(&[]).node_name().ends_with(&format!("-{}", std::process::id())));
+        assert_eq!(parse(&["--node-id", "a b"]).validate(), Err(ConfigError::InvalidNodeId("a b".into())));
+        let strong = "k".repeat(32);
+        let config = parse(&["--secret-key", &strong, "--secret-key-previous", &strong]);
+        assert_eq!(config.validate(), Err(ConfigError::PreviousSecretKeyIsCurrent));
+        let config = parse(&[
+            "--environment",
+            "production",
+            "--secret-key",
+            &strong,
+            "--secret-key-previous",
+            DEVELOPMENT_SECRET_KEY,
+            "--cors-origins",
+            "https://app.example.org",
+        ]);
+        assert_eq!(config.validate(), Err(ConfigError::DefaultPreviousSecretKey));
+        let config = parse(&["--secret-key", &strong, "--secret-key-previous", "the-old-one"]);
+        assert_eq!(config.api_config().previous_secret_key.as_deref(), Some(&b"the-old-one"[..]));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::bus::inprocess::{InProcessBus, InProcessPush};
 use crate::bus::nats::{NatsBus, NatsBusConfig, NatsPresence, NatsPush};
 use crate::clock::SystemClock;
-use crate::config::ServeConfig;
+use crate::config::{Role, ServeConfig};
 use crate::eventstore::postgres::{PoolSize, PostgresEventStore};
 use crate::eventstore::sqlite::SqliteEventStore;
 use crate::eventstore::{Backend, LogStore};
@@ -158,12 +158,15 @@ pub async fn wait_until_true(flag: &mut watch::Receiver<bool>) {
     privcomm_relay::presence::stopped(flag).await;
 }
 
-/// The HTTP API and the WebSocket relay on one router, over one store.
-/// `stop_connections` turning true closes relay connections with 1001.
+/// The router of a process's roles, over one store: `/health/` and
+/// `/metrics` always, the HTTP API with [`Role::Api`], the WebSocket relay
+/// with [`Role::Relay`]. `stop_connections` turning true closes relay
+/// connections with 1001.
 ///
-/// Starts the relay's background tasks: doorbells from the bus and, with
-/// presence, cluster-wide takeover and the roster of who is online where.
-/// They stop with `stop_connections`.
+/// With the relay, starts its background tasks: doorbells from the bus and,
+/// with presence, cluster-wide takeover and the roster of who is online
+/// where. They stop with `stop_connections`.
+#[allow(clippy::too_many_arguments)]
 pub fn build_app(
     store: Arc<dyn LogStore>,
     links: Links,
@@ -172,11 +175,20 @@ pub fn build_app(
     relay_settings: RelaySettings,
     stop_connections: watch::Receiver<bool>,
     metric_sources: &[Arc<dyn privcomm_api::metrics::MetricsSource>],
+    roles: &[Role],
 ) -> axum::Router {
     let Links { bus, presence, push, feed: _ } = links;
     let state = AppState::new(store.clone(), bus.clone(), store.clone(), clock.clone(), api_config);
     for source in metric_sources {
         state.metrics.add_source(source.clone());
+    }
+    let http = if roles.contains(&Role::Api) {
+        privcomm_api::router(state.clone(), api_config)
+    } else {
+        privcomm_api::operations_router(state.clone(), api_config)
+    };
+    if !roles.contains(&Role::Relay) {
+        return http;
     }
     let hub = Arc::new(Hub::default());
     let roster = Arc::new(Roster::new(uuid::Uuid::now_v7(), relay_settings.presence.lease));
@@ -202,7 +214,7 @@ pub fn build_app(
         roster,
         pusher: Arc::new(Pusher::new(push, relay_settings.push_coalesce)),
     };
-    privcomm_api::router(state, api_config).merge(privcomm_relay::router(relay))
+    http.merge(privcomm_relay::router(relay))
 }
 
 /// The advisory lock of the projection workers (the outbox's, plus one).
@@ -270,6 +282,7 @@ pub async fn run(
         }
     };
     let projection = match &opened.read_db {
+        _ if !config.runs(Role::Projector) => tokio::spawn(async {}),
         Some(read_db) => tokio::spawn(projector(read_db.clone()).run(stopped.clone())),
         // Cluster mode: one projector per cluster, like the outbox, on a
         // thread and runtime of its own. On the node's runtime each of a
@@ -309,6 +322,9 @@ pub async fn run(
     };
 
     let api_config = config.api_config();
+    // Lag figures only where the workers can run.
+    let metric_sources: Vec<Arc<dyn privcomm_api::metrics::MetricsSource>> =
+        if config.runs(Role::Projector) { vec![projection_metrics] } else { Vec::new() };
     let (stop_connections, connections_stop) = watch::channel(false);
     let app = build_app(
         store.clone(),
@@ -317,10 +333,28 @@ pub async fn run(
         &api_config,
         RelaySettings::default(),
         connections_stop,
-        &[projection_metrics],
+        &metric_sources,
+        &config.roles,
     );
     let address = listener.local_addr().context("reading the listen address")?;
-    tracing::info!(%address, backend = ?Backend::of_url(&config.database_url), bus = if config.nats_url.is_some() { "nats" } else { "in-process" }, "privcomm serving");
+    let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
+    tracing::info!(
+        %address,
+        node = %api_config.node.node,
+        roles = %roles.join(","),
+        backend = ?Backend::of_url(&config.database_url),
+        bus = if config.nats_url.is_some() { "nats" } else { "in-process" },
+        "privcomm serving"
+    );
+    if !config.runs(Role::Projector) && opened.read_db.is_some() {
+        tracing::warn!("embedded mode without the projector role: read models, retention and checkpoints do not run");
+    }
+    if api_config.previous_secret_key.is_some() {
+        tracing::info!(
+            accepted_for_s = api_config.tokens.token_lifetime_s,
+            "SECRET_KEY_PREVIOUS is set: tokens and challenges signed with it are accepted for one token lifetime"
+        );
+    }
     // No Nagle: a relay writes small frames back to back (`sent`, then
     // `message`s), and a frame held back until the client acknowledges the
     // previous one waits out the client's delayed ACK (40 ms on Linux).

@@ -211,3 +211,67 @@ async fn an_authenticated_request_logs_its_user_id() -> TestResult {
     assert!(lines.iter().all(|l| !l.contains(&token)), "a token reached the logs");
     Ok(())
 }
+
+/// `GET /v1/keys/count` with `token`: its status.
+async fn authenticated_status(base: &str, token: &str) -> Result<u16, reqwest::Error> {
+    let response = reqwest::Client::new().get(format!("{base}/v1/keys/count")).bearer_auth(token).send().await?;
+    Ok(response.status().as_u16())
+}
+
+#[tokio::test]
+async fn after_a_secret_key_rotation_tokens_of_the_previous_key_still_work_and_foreign_ones_do_not() -> TestResult {
+    const OLD: &str = "the-secret-before-the-rotation-0123456789";
+    const NEW: &str = "the-secret-after-the-rotation-01234567890";
+    let dir = TempDir::new();
+    let (http, user) = (reqwest::Client::new(), privcomm::keygen::KeyedUser::new("+15557650001"));
+    let old_token = {
+        let server = start_server({
+            let mut command = privcomm(&dir);
+            command.env("SECRET_KEY", OLD);
+            command
+        })?;
+        let base = format!("http://{}", server.address);
+        user.register(&http, &base, 9).await?;
+        user.login(&http, &base).await?
+    };
+    // Restarted with the new secret, and the old one as SECRET_KEY_PREVIOUS.
+    let server = start_server({
+        let mut command = privcomm(&dir);
+        command.env("SECRET_KEY", NEW).env("SECRET_KEY_PREVIOUS", OLD);
+        command
+    })?;
+    let base = format!("http://{}", server.address);
+    assert_eq!(authenticated_status(&base, &old_token).await?, 200, "a token of the previous key was refused");
+    let mut ws =
+        support::ws::WsClient::connect(&format!("ws://{}/v1/websocket", server.address), Some(&old_token)).await?;
+    assert_eq!(ws.frame().await?["type"], "queue_empty", "the relay refused a token of the previous key");
+    // A token signed with neither key.
+    let user_id = privcomm_domain::UserId(uuid::Uuid::parse_str(&user.user_id())?);
+    let now = privcomm_domain::Timestamp(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64,
+    );
+    let foreign = privcomm_api::tokens::Tokens::new(b"a-secret-this-server-never-had-0123456789", Default::default())
+        .issue(user_id, now)?;
+    assert_eq!(authenticated_status(&base, &foreign).await?, 401);
+    assert!(relay_refuses(&server, &foreign).await?, "the relay accepted a foreign token");
+    // New tokens carry the new key only.
+    let new_token = user.login(&http, &base).await?;
+    assert_eq!(authenticated_status(&base, &new_token).await?, 200);
+    let old_only = privcomm_api::tokens::Tokens::new(OLD.as_bytes(), Default::default());
+    assert!(old_only.verify(&new_token, now).is_err(), "a new token was signed with the previous key");
+    drop(server);
+    // Without SECRET_KEY_PREVIOUS the old token is refused: the setting is what kept it working.
+    let server = start_server({
+        let mut command = privcomm(&dir);
+        command.env("SECRET_KEY", NEW);
+        command
+    })?;
+    assert_eq!(authenticated_status(&format!("http://{}", server.address), &old_token).await?, 401);
+    Ok(())
+}
+
+/// The relay closes a connection made with `token` with 1008 (docs/PROTOCOL.md).
+async fn relay_refuses(server: &Server, token: &str) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    let mut ws = support::ws::WsClient::connect(&format!("ws://{}/v1/websocket", server.address), Some(token)).await?;
+    Ok(ws.next(Duration::from_secs(5)).await? == support::ws::Received::Closed(1008))
+}

@@ -16,6 +16,15 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/health/", get(health)).route("/health", get(health))
 }
 
+/// Which process answers: `NODE_ID` and `ROLES`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeIdentity {
+    /// The process's name.
+    pub node: String,
+    /// What it runs (`api`, `relay`, `projector`).
+    pub roles: Vec<String>,
+}
+
 /// The `/health/` body.
 #[derive(Serialize)]
 pub struct HealthReport {
@@ -25,6 +34,10 @@ pub struct HealthReport {
     pub checks: Checks,
     /// This build's version.
     pub version: &'static str,
+    /// This process's name.
+    pub node: String,
+    /// Its roles.
+    pub roles: Vec<String>,
 }
 
 /// Per-dependency verdicts.
@@ -44,6 +57,8 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport
         status: if healthy { "ok" } else { "degraded" },
         checks: Checks { database, bus },
         version: env!("CARGO_PKG_VERSION"),
+        node: state.node.node.clone(),
+        roles: state.node.roles.clone(),
     };
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(report))

@@ -47,6 +47,9 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct ApiConfig {
     /// `SECRET_KEY`: signs login tokens and challenges.
     pub secret_key: Vec<u8>,
+    /// `SECRET_KEY_PREVIOUS`: the secret before a rotation, still accepted
+    /// for one token lifetime from the start (see [`tokens`]).
+    pub previous_secret_key: Option<Vec<u8>>,
     /// Token and challenge lifetimes.
     pub tokens: tokens::TokenSettings,
     /// Rate limits.
@@ -55,6 +58,8 @@ pub struct ApiConfig {
     pub cors_origins: Vec<String>,
     /// How many user aggregates to keep folded in memory.
     pub user_cache_capacity: usize,
+    /// This process's name and roles, reported by `/health/`.
+    pub node: health::NodeIdentity,
 }
 
 /// State shared by every handler.
@@ -76,6 +81,8 @@ pub struct AppState {
     pub limits: Arc<limits::HandlerLimits>,
     /// Counters for `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
+    /// Who answers `/health/`.
+    pub node: Arc<health::NodeIdentity>,
 }
 
 impl AppState {
@@ -88,15 +95,20 @@ impl AppState {
         config: &ApiConfig,
     ) -> AppState {
         let metrics = Arc::new(metrics::Metrics::default());
+        let mut tokens = tokens::Tokens::new(&config.secret_key, config.tokens.clone());
+        if let Some(previous) = &config.previous_secret_key {
+            tokens = tokens.accepting_previous(previous, clock.now());
+        }
         AppState {
             users: Arc::new(users::UserDirectory::new(store.clone(), config.user_cache_capacity, metrics.clone())),
-            tokens: Arc::new(tokens::Tokens::new(&config.secret_key, config.tokens.clone())),
+            tokens: Arc::new(tokens),
             limits: Arc::new(limits::HandlerLimits::new(&config.rate_limits, metrics.clone())),
             store,
             bus,
             nonces,
             clock,
             metrics,
+            node: Arc::new(config.node.clone()),
         }
     }
 }
@@ -115,7 +127,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-/// The whole HTTP API. Serve it with
+/// The whole HTTP API, with `/health/` and `/metrics`. Serve it with
 /// `into_make_service_with_connect_info::<SocketAddr>()`: the registration
 /// limit is keyed by the client's address.
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
@@ -128,15 +140,28 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         state.clock.clone(),
         state.metrics.clone(),
     );
-    Router::new()
-        .merge(health::router())
+    let api = Router::new()
         .merge(accounts)
         .merge(auth::router())
         .merge(bundles)
         .merge(keys::router())
         .merge(push::router())
-        .route("/metrics", get(metrics_text))
-        .route("/openapi.json", get(openapi::serve))
+        .route("/openapi.json", get(openapi::serve));
+    with_layers(operations_routes().merge(api), state, config)
+}
+
+/// Only `/health/` and `/metrics`: a process that runs no API role.
+pub fn operations_router(state: AppState, config: &ApiConfig) -> Router {
+    with_layers(operations_routes(), state, config)
+}
+
+fn operations_routes() -> Router<AppState> {
+    Router::new().merge(health::router()).route("/metrics", get(metrics_text))
+}
+
+/// The cross-cutting layers every route gets.
+fn with_layers(routes: Router<AppState>, state: AppState, config: &ApiConfig) -> Router {
+    routes
         .route_layer(axum::middleware::from_fn_with_state(state.metrics.clone(), metrics::track))
         .with_state(state)
         .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))

@@ -38,10 +38,12 @@ pub fn generous_limits() -> RateLimits {
 pub fn config(limits: RateLimits) -> ApiConfig {
     ApiConfig {
         secret_key: SECRET.as_bytes().to_vec(),
+        previous_secret_key: None,
         tokens: Default::default(),
         rate_limits: limits,
         cors_origins: vec!["https://app.example.org".into()],
         user_cache_capacity: 1_000,
+        node: Default::default(),
     }
 }
 
@@ -113,6 +115,7 @@ impl TestApi {
             privcomm_relay::RelaySettings { push_coalesce: Duration::ZERO, ..Default::default() },
             connections_stop,
             &[],
+            &privcomm::config::Role::ALL,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let address = listener.local_addr().map_err(|e| e.to_string())?;

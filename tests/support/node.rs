@@ -8,17 +8,32 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-pub const SETTINGS: [&str; 11] = [
+/// Every setting of `privcomm serve` (docs/OPERATING.md), and the log filter.
+pub const SETTINGS: &[&str] = &[
+    "ROLES",
+    "NODE_ID",
     "LISTEN_ADDR",
     "DATABASE_URL",
     "NATS_URL",
     "NATS_STREAM",
     "SECRET_KEY",
+    "SECRET_KEY_PREVIOUS",
     "ENVIRONMENT",
     "DB_POOL_MIN_SIZE",
     "DB_POOL_MAX_SIZE",
     "AUTO_MIGRATE",
     "LOG_FORMAT",
+    "CORS_ORIGINS",
+    "RATE_LIMIT_REGISTRATION",
+    "RATE_LIMIT_KEY_BUNDLE",
+    "RATE_LIMIT_TOKEN",
+    "USER_CACHE_SIZE",
+    "RETENTION_EXPIRE_AT",
+    "RETENTION_COMPACT_AT",
+    "CIPHERTEXT_GRACE",
+    "CHECKPOINT_SIGNING_KEY",
+    "CHECKPOINT_EVERY_EVENTS",
+    "CHECKPOINT_INTERVAL",
     "RUST_LOG",
 ];
 
