@@ -62,10 +62,11 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<OpenedStore> {
             let pool = crate::eventstore::postgres::connect_pool(&config.database_url, size)
                 .await
                 .context("connecting to PostgreSQL (DATABASE_URL)")?;
-            if config.migrate {
+            // Refuses an edited, unknown or failed migration either way.
+            let pending = migrate::pending_postgres(&pool).await?;
+            if config.migrate && pending > 0 {
                 migrate::POSTGRES.run(&pool).await.context("applying PostgreSQL migrations")?;
             } else {
-                let pending = migrate::pending_postgres(&pool).await.context("reading the migration state")?;
                 anyhow::ensure!(
                     pending == 0,
                     "the PostgreSQL database has {pending} pending migration(s): run `privcomm migrate` first, or start with --migrate (AUTO_MIGRATE=true)"

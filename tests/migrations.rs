@@ -309,18 +309,18 @@ async fn a_changed_or_unknown_migration_is_refused(backend: Backend) -> TestResu
         migrated.replace("00ff", ""),
         "a refused command changed the schema"
     );
-    // serve refuses it too.
-    let dir = TempDir::new();
-    let serve = support::node::privcomm(&dir)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", db.url())
-        .output()?;
-    assert!(!serve.status.success());
-    assert!(
-        String::from_utf8_lossy(&serve.stderr).contains("was changed after it was applied"),
-        "{}",
-        String::from_utf8_lossy(&serve.stderr)
-    );
+    // serve refuses it too, migrating itself or not.
+    for auto_migrate in ["false", "true"] {
+        let dir = TempDir::new();
+        let serve = support::node::privcomm(&dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", db.url())
+            .env("AUTO_MIGRATE", auto_migrate)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&serve.stderr);
+        assert!(!serve.status.success(), "serve started (AUTO_MIGRATE={auto_migrate})");
+        assert!(stderr.contains("was changed after it was applied"), "AUTO_MIGRATE={auto_migrate}: {stderr}");
+    }
 
     let restore = format!(
         "UPDATE _sqlx_migrations SET checksum = {} WHERE version = 3",
