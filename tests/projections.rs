@@ -28,6 +28,7 @@ in_both_modes!(
     tampering_is_found_at_the_first_bad_position_by_replay_and_audit_verify,
     retention_boundaries_are_exact_on_both_sides,
     a_rewritten_history_between_two_signed_checkpoints_is_detected,
+    the_documented_rebuild_of_read_models_in_place_rebuilds_them,
 );
 
 const DAY_US: i64 = 24 * 3600 * 1_000_000;
@@ -716,6 +717,53 @@ async fn a_rewritten_history_between_two_signed_checkpoints_is_detected(mode: Mo
     )?;
     let refused = verify(&rewritten, &forged_checkpoints)?;
     assert!(!refused.status.success() && text(&refused).contains("not the pinned key"), "{}", text(&refused));
+    api.shutdown().await;
+    Ok(())
+}
+
+/// The SQL docs/OPERATING.md gives for rebuilding the read models in place.
+fn documented_rebuild_sql() -> Result<String, String> {
+    const OPERATING: &str = include_str!("../docs/OPERATING.md");
+    let after = OPERATING.split("**Rebuilding the read models**").nth(1).ok_or("no rebuild section")?;
+    let block = after.split("```sql\n").nth(1).ok_or("no sql block")?;
+    Ok(block.split("```").next().ok_or("unterminated sql block")?.to_owned())
+}
+
+async fn the_documented_rebuild_of_read_models_in_place_rebuilds_them(mode: Mode) -> TestResult {
+    let sql = documented_rebuild_sql()?;
+    for model in models::all() {
+        for table in model.tables() {
+            assert!(sql.contains(&format!("DELETE FROM {};", table.name)), "the documented SQL misses {}", table.name);
+        }
+    }
+    let api = TestApi::start(mode, generous_limits()).await?;
+    let projection = api.start_projector().await?;
+    let suffix = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
+    let bob = user(&api, &format!("+1551{suffix}"), 10).await?;
+    let alice = user(&api, &format!("+1552{suffix}"), 10).await?;
+    let alice_token = alice.client.login(&api).await?;
+    assert_eq!(api.get_auth(&format!("/v1/keys/{}", bob.id), &alice_token).await?.0, 200);
+    send_many(&api, &alice, 0, &bob.id, 50).await?;
+    projection.caught_up(api.store.as_ref()).await?;
+    let db = privcomm::projector::open_read_db(&api.database_url).await?;
+    assert_read_models_match_the_reference(api.store.as_ref(), &db).await?;
+    projection.stop().await;
+
+    // Stop the projector, run the documented SQL, start it again.
+    on_db!(&db, pool => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(pool).await.map(|_| ())?);
+    for model in models::all() {
+        for table in model.tables() {
+            let count = format!("SELECT count(*) FROM {}", table.name);
+            let rows: i64 = on_db!(&db, pool => sqlx::query_scalar(sqlx::AssertSqlSafe(count)).fetch_one(pool).await?);
+            assert_eq!(rows, 0, "{} still holds rows", table.name);
+        }
+    }
+    let projection = api.start_projector().await?;
+    projection.caught_up(api.store.as_ref()).await?;
+    assert_read_models_match_the_reference(api.store.as_ref(), &db).await?;
+    let replay = privcomm(&["replay", "--database-url", &api.database_url])?;
+    assert!(replay.status.success(), "replay after the rebuild failed:\n{}", text(&replay));
+    projection.stop().await;
     api.shutdown().await;
     Ok(())
 }
