@@ -1,13 +1,28 @@
 //! privcomm's client core, shared by the Android app (through uniffi
-//! bindings) and the desktop chat CLI.
+//! bindings) and the desktop chat CLI (`privcomm-chat`).
 //!
 //! It holds the user's identity and prekeys, establishes libsignal (PQXDH)
 //! sessions, keeps every libsignal store and the message log in an encrypted
-//! local SQLite store, talks to the API and the relay with reconnect and
-//! backoff, and runs str0m voice calls whose signalling travels as ordinary
-//! end-to-end-encrypted messages. Encryption happens here and only here: the
-//! server sees ciphertext. This crate must not depend on server-only code
-//! (sqlx-postgres, async-nats, axum); `cargo tree -p privcomm-client` shows it.
+//! local SQLite store ([`store`]), and talks to the API and the relay with
+//! reconnect and backoff ([`client`]). Encryption happens here and only here:
+//! the server sees ciphertext. This crate does not depend on server-only code
+//! (sqlx, async-nats, axum); `cargo tree -p privcomm-client` shows it, and a
+//! test checks it.
 //!
-//! Status: the crate is in place with the domain dependency; the client lands
-//! with the "Client crate for Android" issue.
+//! The exported surface (uniffi, for Kotlin): [`Client`] (an object with
+//! blocking, thread-safe methods), [`ClientConfig`], [`ChatMessage`],
+//! [`PrekeyReport`], [`ConnectionState`], the [`ClientListener`] callback
+//! interface and the [`ClientError`] enum.
+
+pub mod api;
+pub mod client;
+pub mod core;
+pub mod error;
+pub mod signal;
+pub mod store;
+
+pub use client::{Client, ClientConfig, ClientListener, ConnectionState, Pause};
+pub use core::{ChatMessage, PrekeyReport};
+pub use error::ClientError;
+
+uniffi::setup_scaffolding!();

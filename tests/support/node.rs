@@ -72,9 +72,13 @@ impl Drop for Server {
 
 /// Starts `command serve --listen 127.0.0.1:0` and reads the bound address
 /// from its JSON start-up log line.
-pub fn start_server(mut command: Command) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
-    let mut child =
-        command.args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+pub fn start_server(command: Command) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+    start_server_at(command, "127.0.0.1:0")
+}
+
+/// [`start_server`] on `listen` (a restart on the address of a stopped server).
+pub fn start_server_at(mut command: Command, listen: &str) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+    let mut child = command.args(["serve", "--listen", listen]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let (lines_tx, logs) = mpsc::channel();
     std::thread::spawn(move || {

@@ -1,0 +1,550 @@
+//! [`Client`]: the object apps hold (exported with uniffi). Its methods are
+//! blocking and thread-safe; the work runs on the client's own thread (a
+//! single-threaded runtime), where the store and libsignal live. Events —
+//! connection states, messages, identity changes — reach the app through its
+//! [`ClientListener`], called from that thread.
+//!
+//! The connection: a login token (challenge signed with the identity key),
+//! then the relay's WebSocket. A failed attempt is retried after an
+//! exponential backoff with jitter (1 s base, ×2, capped at 60 s, each wait
+//! drawn from the upper half of its step); after 10 failed attempts in a row
+//! the state is `Error` until [`Client::connect`] is called again. A
+//! connection that was up and drops is retried at once, from attempt 1. An
+//! incoming message is acked only after it was decrypted and stored.
+
+use crate::core::{ChatMessage, Core, Incoming, OutgoingFrame, PrekeyReport};
+use crate::error::{ClientError, Result};
+use futures::future::LocalBoxFuture;
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+/// Failed attempts in a row before giving up.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// The first wait.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// The longest wait.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// How often a connected client pings the relay.
+const PING_EVERY: Duration = Duration::from_secs(30);
+
+/// The step of the wait after `failures` failed attempts: 1 s, 2 s, 4 s, … 60 s.
+pub fn backoff_step(failures: u32) -> Duration {
+    let doubled = BACKOFF_BASE.saturating_mul(1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX));
+    doubled.min(BACKOFF_CAP)
+}
+
+/// The wait after `failures` failed attempts, with `unit` ∈ [0, 1) as the
+/// jitter: uniformly in the upper half of the step.
+pub fn backoff_delay(failures: u32, unit: f64) -> Duration {
+    let step = backoff_step(failures);
+    step / 2 + step.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+}
+
+/// Where the client is with the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, uniffi::Enum)]
+pub enum ConnectionState {
+    /// Not connected, not trying.
+    Disconnected,
+    /// Trying (or waiting to try again).
+    Connecting,
+    /// Connected: messages flow.
+    Connected,
+    /// Gave up after 10 failed attempts; `connect()` starts again.
+    Error,
+}
+
+/// What the app hears from the client (called on the client's thread).
+#[uniffi::export(with_foreign)]
+pub trait ClientListener: Send + Sync {
+    /// The connection state changed; `detail` says why (empty if nothing to say).
+    fn on_state_changed(&self, state: ConnectionState, detail: String);
+    /// A message arrived, was decrypted and stored.
+    fn on_message(&self, message: ChatMessage);
+    /// The relay durably accepted a message this client sent.
+    fn on_sent(&self, message_id: String);
+    /// The relay refused a message this client sent (it will not be retried).
+    fn on_send_failed(&self, message_id: String, reason: String);
+    /// A contact's identity key changed. Their messages are held (not
+    /// acknowledged, not shown) until `trust_identity` is called; compare
+    /// `safety_number` with them first.
+    fn on_identity_changed(&self, contact: String, safety_number: String);
+    /// A message that can never be decrypted was received and dropped.
+    fn on_undecryptable(&self, from: String, reason: String);
+}
+
+/// Waits between reconnect attempts. The real one sleeps; tests inject one
+/// that records the waits and returns at once.
+pub trait Pause: Send + Sync + 'static {
+    /// Waits `delay` before attempt `failures + 1`.
+    fn pause(&self, failures: u32, delay: Duration) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// Sleeps.
+pub struct Sleep;
+
+impl Pause for Sleep {
+    fn pause(&self, _failures: u32, delay: Duration) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(tokio::time::sleep(delay))
+    }
+}
+
+/// Where a client keeps its store and which server it talks to.
+#[derive(Clone, Debug, uniffi::Record)]
+pub struct ClientConfig {
+    /// The store file (created if missing).
+    pub store_path: String,
+    /// 32 bytes from the platform (Android: a key wrapped by the Keystore).
+    pub store_key: Vec<u8>,
+    /// `https://chat.example.org` (or `http://127.0.0.1:8080`).
+    pub server_url: String,
+}
+
+type Job = Box<dyn FnOnce(Rc<Runner>) -> LocalBoxFuture<'static, ()> + Send>;
+
+/// The privcomm client.
+#[derive(uniffi::Object)]
+pub struct Client {
+    /// `None` once closed; dropping the sender ends the client's thread.
+    jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    state: Arc<Mutex<ConnectionState>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Runner {
+    core: Core,
+    listener: Arc<dyn ClientListener>,
+    pause: Arc<dyn Pause>,
+    state: Arc<Mutex<ConnectionState>>,
+    /// The running connection: frames to send, and its stop switch.
+    link: RefCell<Option<(mpsc::UnboundedSender<OutgoingFrame>, watch::Sender<bool>)>>,
+}
+
+#[uniffi::export]
+impl Client {
+    /// Opens the store (a wrong key fails here, changing nothing) and
+    /// prepares the client; call [`Client::connect`] to go online.
+    #[uniffi::constructor]
+    pub fn new(config: ClientConfig, listener: Arc<dyn ClientListener>) -> Result<Arc<Client>> {
+        Client::with_pause(config, listener, Arc::new(Sleep))
+    }
+
+    /// Registers a new account for `phone` (only its SHA-256 is sent); returns the user id.
+    pub fn register(&self, phone: String) -> Result<String> {
+        self.call(move |r| Box::pin(async move { r.core.register(&phone).await }))
+    }
+
+    /// Replaces this account's identity key (contacts are told it changed);
+    /// every session starts again.
+    pub fn reset_identity(&self) -> Result<()> {
+        self.call(|r| Box::pin(async move { r.core.reset_identity().await }))
+    }
+
+    /// This account's user id, if registered.
+    pub fn user_id(&self) -> Result<Option<String>> {
+        self.call(|r| Box::pin(async move { r.core.user_id() }))
+    }
+
+    /// The safety number (60 digits) to compare with `contact`, out of band.
+    pub fn safety_number(&self, contact: String) -> Result<String> {
+        self.call(move |r| Box::pin(async move { r.core.safety_number(&contact) }))
+    }
+
+    /// Encrypts `text` for `to` and sends it (now if connected, else on the
+    /// next connection); returns the message id.
+    pub fn send_text(&self, to: String, text: String) -> Result<String> {
+        self.call(move |r| {
+            Box::pin(async move {
+                let (message, frame) = r.core.prepare_text(&to, &text).await?;
+                if let Some((frames, _)) = r.link.borrow().as_ref() {
+                    let _ = frames.send(frame);
+                }
+                Ok(message.id)
+            })
+        })
+    }
+
+    /// The message log, oldest first.
+    pub fn messages(&self) -> Result<Vec<ChatMessage>> {
+        self.call(|r| Box::pin(async move { r.core.messages() }))
+    }
+
+    /// Accepts `contact`'s changed identity key and delivers their held messages.
+    pub fn trust_identity(&self, contact: String) -> Result<()> {
+        self.call(move |r| {
+            Box::pin(async move {
+                let held = r.core.trust_identity(&contact)?;
+                for (id, kind, body) in held {
+                    let outcome = r.core.receive(&id, &contact, &kind, &body).await?;
+                    r.handled(&id, outcome);
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Refills one-time prekeys below 20 with 100 (EC and Kyber apart) and
+    /// rotates a signed prekey older than 7 days. Call every 24 h and after connecting.
+    pub fn maintain_prekeys(&self) -> Result<PrekeyReport> {
+        self.call(|r| Box::pin(async move { r.core.maintain_prekeys(crate::signal::now_ms()).await }))
+    }
+
+    /// Goes online (and keeps reconnecting); a no-op while already trying or connected.
+    pub fn connect(&self) -> Result<()> {
+        self.call(|r| {
+            Box::pin(async move {
+                if r.link.borrow().is_some() {
+                    return Ok(());
+                }
+                r.core.user_id()?.ok_or(ClientError::NotRegistered)?;
+                let (frames, outgoing) = mpsc::unbounded_channel();
+                let (stop, stopped) = watch::channel(false);
+                *r.link.borrow_mut() = Some((frames, stop));
+                tokio::task::spawn_local(Runner::connection(r.clone(), outgoing, stopped));
+                Ok(())
+            })
+        })
+    }
+
+    /// Goes offline.
+    pub fn disconnect(&self) -> Result<()> {
+        self.call(|r| {
+            Box::pin(async move {
+                if let Some((_, stop)) = r.link.borrow_mut().take() {
+                    let _ = stop.send(true);
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// The connection state now.
+    pub fn state(&self) -> ConnectionState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops the client's thread (the store is closed; the object is unusable after).
+    pub fn close(&self) {
+        let _ = self.disconnect();
+        // The thread ends when its queue has no sender left and it is empty.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Client {
+    /// [`Client::new`] with the waits between reconnect attempts injected.
+    pub fn with_pause(
+        config: ClientConfig,
+        listener: Arc<dyn ClientListener>,
+        pause: Arc<dyn Pause>,
+    ) -> Result<Arc<Client>> {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+        let state = Arc::new(Mutex::new(ConnectionState::Disconnected));
+        let (opened_tx, opened) = std::sync::mpsc::channel::<Result<()>>();
+        let thread_state = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("privcomm-client".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = opened_tx
+                            .send(Err(ClientError::Store(format!("cannot start the client's runtime: {error}"))));
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, async move {
+                    let core = match Core::open(
+                        std::path::Path::new(&config.store_path),
+                        &config.store_key,
+                        &config.server_url,
+                    ) {
+                        Ok(core) => core,
+                        Err(error) => {
+                            let _ = opened_tx.send(Err(error));
+                            return;
+                        }
+                    };
+                    let _ = opened_tx.send(Ok(()));
+                    let runner =
+                        Rc::new(Runner { core, listener, pause, state: thread_state, link: RefCell::new(None) });
+                    while let Some(job) = queue.recv().await {
+                        tokio::task::spawn_local(job(runner.clone()));
+                    }
+                    // Closed: stop the connection, let it say goodbye.
+                    if let Some((_, stop)) = runner.link.borrow_mut().take() {
+                        let _ = stop.send(true);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+            })
+            .map_err(|e| ClientError::Store(format!("cannot start the client's thread: {e}")))?;
+        match opened.recv() {
+            Ok(Ok(())) => {
+                Ok(Arc::new(Client { jobs: Mutex::new(Some(jobs)), state, thread: Mutex::new(Some(thread)) }))
+            }
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                Err(error)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(ClientError::Closed)
+            }
+        }
+    }
+
+    /// Runs `work` on the client's thread and waits for its result.
+    fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Rc<Runner>) -> LocalBoxFuture<'static, Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move |runner| {
+            Box::pin(async move {
+                let _ = reply.send(work(runner).await);
+            })
+        });
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ClientError::Closed)?;
+        jobs.send(job).map_err(|_| ClientError::Closed)?;
+        answer.recv().map_err(|_| ClientError::Closed)?
+    }
+}
+
+enum Outcome {
+    /// `disconnect()` was called.
+    Stopped,
+    /// A connection was up, then ended.
+    Dropped(String),
+    /// No connection was made.
+    Failed(String),
+}
+
+impl Runner {
+    fn set_state(&self, state: ConnectionState, detail: &str) {
+        let changed = {
+            let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = *current != state;
+            *current = state;
+            changed
+        };
+        if changed || !detail.is_empty() {
+            self.listener.on_state_changed(state, detail.to_owned());
+        }
+    }
+
+    /// Tells the listener what became of an incoming message.
+    fn handled(&self, id: &str, outcome: Incoming) -> bool {
+        match outcome {
+            Incoming::Stored(message) => {
+                self.listener.on_message(message);
+                true
+            }
+            Incoming::Duplicate => true,
+            Incoming::Held { from } => {
+                let number = self.core.safety_number(&from).unwrap_or_default();
+                self.listener.on_identity_changed(from, number);
+                false
+            }
+            Incoming::Undecryptable { from, reason } => {
+                tracing::warn!(message_id = id, %reason, "dropped an undecryptable message");
+                self.listener.on_undecryptable(from, reason);
+                true
+            }
+        }
+    }
+
+    async fn connection(
+        self: Rc<Self>,
+        mut outgoing: mpsc::UnboundedReceiver<OutgoingFrame>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut failures = 0u32;
+        loop {
+            self.set_state(ConnectionState::Connecting, "");
+            match self.connect_once(&mut outgoing, &mut stopped).await {
+                Outcome::Stopped => break,
+                Outcome::Dropped(reason) => {
+                    tracing::info!(%reason, "connection ended; reconnecting");
+                    failures = 0;
+                    continue;
+                }
+                Outcome::Failed(reason) => {
+                    failures += 1;
+                    if failures >= MAX_ATTEMPTS {
+                        self.link.borrow_mut().take();
+                        self.set_state(ConnectionState::Error, &format!("gave up after {failures} attempts: {reason}"));
+                        return;
+                    }
+                    let delay = backoff_delay(failures, rand::random::<f64>());
+                    self.set_state(
+                        ConnectionState::Connecting,
+                        &format!("attempt {failures} failed ({reason}); next in {delay:?}"),
+                    );
+                    tokio::select! {
+                        () = self.pause.pause(failures, delay) => {}
+                        _ = stopped.wait_for(|s| *s) => break,
+                    }
+                }
+            }
+        }
+        self.set_state(ConnectionState::Disconnected, "");
+    }
+
+    async fn connect_once(
+        &self,
+        outgoing: &mut mpsc::UnboundedReceiver<OutgoingFrame>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        if *stopped.borrow() {
+            return Outcome::Stopped;
+        }
+        let token = match self.core.token().await {
+            Ok(token) => token,
+            Err(error) => return Outcome::Failed(format!("login: {error}")),
+        };
+        let mut request = match self.core.api.websocket_url().into_client_request() {
+            Ok(request) => request,
+            Err(error) => return Outcome::Failed(error.to_string()),
+        };
+        match format!("Bearer {token}").parse() {
+            Ok(value) => request.headers_mut().insert("authorization", value),
+            Err(_) => return Outcome::Failed("token is not a header value".into()),
+        };
+        let socket = tokio::select! {
+            connected = tokio_tungstenite::connect_async(request) => match connected {
+                Ok((socket, _)) => socket,
+                Err(error) => return Outcome::Failed(format!("relay: {error}")),
+            },
+            _ = stopped.wait_for(|s| *s) => return Outcome::Stopped,
+        };
+        let (mut sink, mut stream) = socket.split();
+        self.set_state(ConnectionState::Connected, "");
+        // What was queued while offline (the relay de-duplicates by id).
+        for frame in self.core.outbox().unwrap_or_default() {
+            if sink.send(Message::Text(send_frame(&frame).into())).await.is_err() {
+                return Outcome::Dropped("send failed".into());
+            }
+        }
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return Outcome::Stopped;
+                }
+                Some(frame) = outgoing.recv() => {
+                    if sink.send(Message::Text(send_frame(&frame).into())).await.is_err() {
+                        return Outcome::Dropped("send failed".into());
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return Outcome::Dropped("ping failed".into());
+                    }
+                }
+                message = stream.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                        if let Some(ack) = self.on_frame(&frame).await
+                            && sink.send(Message::Text(ack.into())).await.is_err()
+                        {
+                            return Outcome::Dropped("ack failed".into());
+                        }
+                    }
+                    Some(Ok(Message::Close(close))) => {
+                        let code = close.as_ref().map_or(1005, |c| u16::from(c.code));
+                        if code == 1008 {
+                            // The token was refused: log in again on the next attempt.
+                            self.core.forget_token();
+                        }
+                        return Outcome::Dropped(format!("closed by the relay ({code})"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Outcome::Dropped(error.to_string()),
+                    None => return Outcome::Dropped("the relay went away".into()),
+                },
+            }
+        }
+    }
+
+    /// Handles a relay frame; returns the ack to send, if any.
+    async fn on_frame(&self, frame: &Value) -> Option<String> {
+        let text = |field: &str| frame[field].as_str().unwrap_or_default().to_owned();
+        match frame["type"].as_str() {
+            Some("message") => {
+                let id = text("id");
+                match self.core.receive(&id, &text("from"), &text("kind"), &text("body")).await {
+                    Ok(outcome) => self.handled(&id, outcome).then(|| ack_frame(&id)),
+                    Err(error) => {
+                        // A store failure: not stored, so not acked; it comes again.
+                        tracing::warn!(%error, "cannot store an incoming message");
+                        None
+                    }
+                }
+            }
+            Some("sent") => {
+                let id = text("id");
+                if self.core.mark_sent(&id).is_ok() {
+                    self.listener.on_sent(id);
+                }
+                None
+            }
+            Some("error") => {
+                let (reference, message) = (text("ref"), text("message"));
+                if !reference.is_empty() && self.core.mark_sent(&reference).is_ok() {
+                    self.listener.on_send_failed(reference, format!("{}: {message}", text("code")));
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
+fn send_frame(frame: &OutgoingFrame) -> String {
+    json!({ "v": 1, "type": "send", "id": frame.id, "to": frame.to, "kind": frame.kind, "body": frame.body })
+        .to_string()
+}
+
+fn ack_frame(id: &str) -> String {
+    json!({ "v": 1, "type": "ack", "id": id }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_from_one_second_to_a_sixty_second_cap() {
+        let steps: Vec<u64> = (1..=10).map(|n| backoff_step(n).as_secs()).collect();
+        assert_eq!(steps, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(backoff_step(40), BACKOFF_CAP);
+        for n in 1..=12 {
+            let step = backoff_step(n);
+            assert_eq!(backoff_delay(n, 0.0), step / 2);
+            assert_eq!(backoff_delay(n, 1.0), step);
+            let middle = backoff_delay(n, 0.5);
+            assert!(middle > step / 2 && middle < step);
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! The client's logic, on its own thread (libsignal's stores are not `Send`):
+//! registration, login tokens, sessions, encryption and decryption, the
+//! message log, held messages of contacts whose identity changed, and prekey
+//! maintenance. [`crate::Client`] is the thread-safe face of it.
+
+use crate::api::Api;
+use crate::error::{ClientError, Result, invalid, protocol};
+use crate::signal::{KeyMaker, Stores, meta, now_ms};
+use crate::store::{Kind, Store};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use libsignal_protocol::{
+    CiphertextMessage, DeviceId, Fingerprint, IdentityKey, IdentityKeyPair, KyberPreKeyId, PreKeyBundle, PreKeyId,
+    PreKeySignalMessage, ProtocolAddress, PublicKey, SessionStore as _, SignalMessage, SignedPreKeyId, kem,
+    message_decrypt, message_encrypt, process_prekey_bundle,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use std::cell::RefCell;
+use std::time::SystemTime;
+
+/// One-time keys uploaded when the server holds fewer than [`REFILL_BELOW`].
+pub const REFILL_COUNT: u32 = 100;
+/// The threshold of [`REFILL_COUNT`].
+pub const REFILL_BELOW: u64 = 20;
+/// A signed prekey older than this is rotated.
+pub const SIGNED_PREKEY_MAX_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// A message as the app sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, uniffi::Record)]
+pub struct ChatMessage {
+    /// The message id (UUID), the same on both sides.
+    pub id: String,
+    /// The other party's user id.
+    pub peer: String,
+    /// Sent by this client (`true`) or received.
+    pub outgoing: bool,
+    /// The text.
+    pub text: String,
+    /// When the sender sent it (ms since the epoch, the sender's clock).
+    pub sent_at_ms: u64,
+}
+
+/// What `maintain_prekeys` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, uniffi::Record)]
+pub struct PrekeyReport {
+    /// One-time EC keys on the server before.
+    pub one_time_before: u64,
+    /// One-time Kyber keys on the server before.
+    pub kyber_before: u64,
+    /// One-time EC keys uploaded.
+    pub one_time_uploaded: u32,
+    /// One-time Kyber keys uploaded.
+    pub kyber_uploaded: u32,
+    /// Whether the signed prekey was rotated.
+    pub signed_prekey_rotated: bool,
+}
+
+/// What a contact's message turned into.
+pub enum Incoming {
+    /// Decrypted and stored: show it, then ack.
+    Stored(ChatMessage),
+    /// Seen before: ack again, show nothing.
+    Duplicate,
+    /// Held: the sender's identity key changed. Not acked.
+    Held {
+        /// The sender.
+        from: String,
+    },
+    /// Cannot ever be decrypted (corrupt, or not for this session). Acked
+    /// so it is not delivered forever; reported.
+    Undecryptable {
+        /// The sender.
+        from: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The body of a relay `send` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutgoingFrame {
+    /// Message id.
+    pub id: String,
+    /// Recipient.
+    pub to: String,
+    /// `prekey` or `whisper`.
+    pub kind: String,
+    /// Base64 ciphertext.
+    pub body: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Content {
+    v: u32,
+    #[serde(rename = "type")]
+    kind: String,
+    text: String,
+    sent_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeldMessage {
+    id: String,
+    from: String,
+    kind: String,
+    body: String,
+}
+
+const DEVICE: u8 = 1;
+
+/// The client's state on its thread.
+pub struct Core {
+    pub(crate) store: Store,
+    stores: Stores,
+    pub(crate) api: Api,
+    token: RefCell<Option<(String, u64)>>,
+    /// Serialises libsignal operations (each is one store transaction).
+    crypto: tokio::sync::Mutex<()>,
+}
+
+fn address(user: &str) -> ProtocolAddress {
+    ProtocolAddress::new(user.to_owned(), DeviceId::new(DEVICE).expect("device 1 is valid"))
+}
+
+fn decode_b64(field: &str, text: &str) -> Result<Vec<u8>> {
+    STANDARD.decode(text).map_err(|_| invalid(field, "not standard Base64"))
+}
+
+fn user_id_checked(field: &str, user: &str) -> Result<String> {
+    uuid::Uuid::parse_str(user).map(|u| u.to_string()).map_err(|_| invalid(field, "not a user id (UUID)"))
+}
+
+impl Core {
+    /// Opens the store at `path` and talks to `server_url`.
+    pub fn open(path: &std::path::Path, store_key: &[u8], server_url: &str) -> Result<Core> {
+        let store = Store::open(path, store_key)?;
+        let stores = Stores::new(&store);
+        Ok(Core { stores, store, api: Api::new(server_url)?, token: RefCell::new(None), crypto: Default::default() })
+    }
+
+    /// The account's user id, once registered.
+    pub fn user_id(&self) -> Result<Option<String>> {
+        Ok(self.store.get(Kind::Meta, meta::USER_ID.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn registered(&self) -> Result<(String, IdentityKeyPair)> {
+        let user = self.user_id()?.ok_or(ClientError::NotRegistered)?;
+        let identity = self.stores.identities.own()?.ok_or(ClientError::NotRegistered)?;
+        Ok((user, identity))
+    }
+
+    /// Creates the account: identity, registration id, signed prekey, Kyber
+    /// last-resort key, 100 + 100 one-time keys; only SHA-256 of `phone` leaves.
+    pub async fn register(&self, phone: &str) -> Result<String> {
+        if let Some(user) = self.user_id()? {
+            return Err(ClientError::AlreadyRegistered(user));
+        }
+        let phone = phone.trim();
+        if phone.is_empty() || phone.len() > 32 {
+            return Err(invalid("phone", "1 to 32 characters"));
+        }
+        let _guard = self.crypto.lock().await;
+        self.store
+            .transaction_async(async {
+                let identity = IdentityKeyPair::generate(&mut rand::rng());
+                let registration_id = rand::random_range(1..=16_380u32);
+                self.store.put(Kind::Meta, meta::IDENTITY_KEY_PAIR.as_bytes(), &identity.serialize())?;
+                self.store.set_meta_u64(meta::REGISTRATION_ID, u64::from(registration_id))?;
+                let keys = KeyMaker::new(&self.store, &identity);
+                let phone_hash = hex::encode(sha2::Sha256::digest(phone.as_bytes()));
+                self.store.put(Kind::Meta, meta::PHONE_HASH.as_bytes(), phone_hash.as_bytes())?;
+                let body = json!({
+                    "phone_hash": phone_hash,
+                    "registration_id": registration_id,
+                    "identity_key": STANDARD.encode(identity.identity_key().serialize()),
+                    "signed_prekey": keys.signed_prekey(now_ms())?,
+                    "kyber_last_resort": keys.kyber_last_resort()?,
+                    "one_time_prekeys": keys.one_time_prekeys(REFILL_COUNT)?,
+                    "kyber_prekeys": keys.kyber_prekeys(REFILL_COUNT)?,
+                });
+                let user = self.api.register(&body).await?;
+                self.store.put(Kind::Meta, meta::USER_ID.as_bytes(), user.as_bytes())?;
+                Ok(user)
+            })
+            .await
+    }
+
+    /// Replaces this account's identity key (after a suspected compromise, say):
+    /// a new identity, signed prekey, Kyber last-resort key and one-time keys,
+    /// registered with a proof signed by the current identity. Every session
+    /// goes (contacts see the new identity and must accept it).
+    pub async fn reset_identity(&self) -> Result<()> {
+        let (user, old) = self.registered()?;
+        let phone_hash = self
+            .store
+            .get(Kind::Meta, meta::PHONE_HASH.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .ok_or_else(|| ClientError::Store("this store does not know its phone hash".into()))?;
+        let nonce = self.api.challenge(&user).await?;
+        let proof = old.private_key().calculate_signature(nonce.as_bytes(), &mut rand::rng()).map_err(protocol)?;
+        let _guard = self.crypto.lock().await;
+        self.store
+            .transaction_async(async {
+                let identity = IdentityKeyPair::generate(&mut rand::rng());
+                let registration_id = rand::random_range(1..=16_380u32);
+                self.store.put(Kind::Meta, meta::IDENTITY_KEY_PAIR.as_bytes(), &identity.serialize())?;
+                self.store.set_meta_u64(meta::REGISTRATION_ID, u64::from(registration_id))?;
+                self.store.remove_all(Kind::Session)?;
+                let keys = KeyMaker::new(&self.store, &identity);
+                let body = json!({
+                    "phone_hash": phone_hash,
+                    "registration_id": registration_id,
+                    "identity_key": STANDARD.encode(identity.identity_key().serialize()),
+                    "signed_prekey": keys.signed_prekey(now_ms())?,
+                    "kyber_last_resort": keys.kyber_last_resort()?,
+                    "one_time_prekeys": keys.one_time_prekeys(REFILL_COUNT)?,
+                    "kyber_prekeys": keys.kyber_prekeys(REFILL_COUNT)?,
+                    "identity_proof": { "nonce": nonce, "signature": STANDARD.encode(proof) },
+                });
+                let again = self.api.register(&body).await?;
+                if again != user {
+                    return Err(ClientError::Protocol(format!("the server re-registered {again}, not {user}")));
+                }
+                Ok(())
+            })
+            .await?;
+        self.forget_token();
+        Ok(())
+    }
+
+    /// A login token, fetched (challenge signed with the identity key) or reused.
+    pub async fn token(&self) -> Result<String> {
+        if let Some((token, expires_ms)) = self.token.borrow().clone()
+            && expires_ms > now_ms() + 30_000
+        {
+            return Ok(token);
+        }
+        let (user, identity) = self.registered()?;
+        let nonce = self.api.challenge(&user).await?;
+        let signature =
+            identity.private_key().calculate_signature(nonce.as_bytes(), &mut rand::rng()).map_err(protocol)?;
+        let (token, lifetime_s) = self.api.token(&user, &nonce, &STANDARD.encode(signature)).await?;
+        *self.token.borrow_mut() = Some((token.clone(), now_ms() + lifetime_s * 1000));
+        Ok(token)
+    }
+
+    /// Forgets the cached token (the relay refused it).
+    pub fn forget_token(&self) {
+        *self.token.borrow_mut() = None;
+    }
+
+    /// The safety number shared with `contact` (60 digits), from the trusted
+    /// identity key or, if it changed, the new one.
+    pub fn safety_number(&self, contact: &str) -> Result<String> {
+        let contact = user_id_checked("contact", contact)?;
+        let (user, identity) = self.registered()?;
+        let theirs = match self.stores.identities.pending(&contact)? {
+            Some(key) => key,
+            None => self
+                .stores
+                .identities
+                .trusted(&contact)?
+                .ok_or_else(|| invalid("contact", "no identity key known yet: exchange a message first"))?,
+        };
+        safety_number(&user, identity.identity_key(), &contact, &theirs)
+    }
+
+    /// Our identity key, for showing our half of safety numbers.
+    pub fn own_identity(&self) -> Result<IdentityKey> {
+        Ok(*self.registered()?.1.identity_key())
+    }
+
+    /// Encrypts `text` for `to` (setting up a session from a fetched bundle if
+    /// there is none), logs it and queues it; returns the frame to send.
+    pub async fn prepare_text(&self, to: &str, text: &str) -> Result<(ChatMessage, OutgoingFrame)> {
+        let to = user_id_checked("to", to)?;
+        let (user, _) = self.registered()?;
+        if to == user {
+            return Err(invalid("to", "that is this account"));
+        }
+        if text.len() > 64 * 1024 {
+            return Err(invalid("text", "at most 64 KiB"));
+        }
+        if self.stores.identities.pending(&to)?.is_some() {
+            return Err(ClientError::UntrustedIdentity(to));
+        }
+        let remote = address(&to);
+        if self.stores.sessions.load_session(&remote).await?.is_none() {
+            let token = self.token().await?;
+            let bundle = self.api.bundle(&token, &to).await?;
+            let bundle = parse_bundle(&bundle)?;
+            let _guard = self.crypto.lock().await;
+            let mut stores = self.stores.clone();
+            let established = self
+                .store
+                .transaction_async(async {
+                    process_prekey_bundle(
+                        &remote,
+                        &mut stores.sessions,
+                        &mut stores.identities,
+                        &bundle,
+                        SystemTime::now(),
+                        &mut rand::rng(),
+                    )
+                    .await
+                    .map_err(ClientError::from)
+                })
+                .await;
+            if let Err(ClientError::UntrustedIdentity(_)) = &established {
+                // Remembered outside the rolled-back transaction, for the safety number.
+                self.stores.identities.note_pending(&to, bundle.identity_key()?)?;
+            }
+            established?;
+        }
+        let message = ChatMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            peer: to.clone(),
+            outgoing: true,
+            text: text.to_owned(),
+            sent_at_ms: now_ms(),
+        };
+        let content = serde_json::to_vec(&Content {
+            v: 1,
+            kind: "text".into(),
+            text: message.text.clone(),
+            sent_at_ms: message.sent_at_ms,
+        })
+        .map_err(|e| ClientError::Store(e.to_string()))?;
+        let _guard = self.crypto.lock().await;
+        let mut stores = self.stores.clone();
+        let frame = self
+            .store
+            .transaction_async(async {
+                let ciphertext = message_encrypt(
+                    &content,
+                    &remote,
+                    &mut stores.sessions,
+                    &mut stores.identities,
+                    SystemTime::now(),
+                    &mut rand::rng(),
+                )
+                .await?;
+                let kind = match ciphertext {
+                    CiphertextMessage::PreKeySignalMessage(_) => "prekey",
+                    CiphertextMessage::SignalMessage(_) => "whisper",
+                    _ => return Err(ClientError::Protocol("unexpected ciphertext type".into())),
+                };
+                let frame = OutgoingFrame {
+                    id: message.id.clone(),
+                    to: to.clone(),
+                    kind: kind.into(),
+                    body: STANDARD.encode(ciphertext.serialize()),
+                };
+                self.log(&message)?;
+                self.store.put(Kind::Outbox, message.id.as_bytes(), &to_json(&frame)?)?;
+                Ok(frame)
+            })
+            .await?;
+        Ok((message, frame))
+    }
+
+    fn log(&self, message: &ChatMessage) -> Result<()> {
+        self.store.append_message(&to_json(message)?).map(|_| ())
+    }
+
+    /// Messages queued and not yet confirmed `sent` by the relay.
+    pub fn outbox(&self) -> Result<Vec<OutgoingFrame>> {
+        let mut frames: Vec<OutgoingFrame> =
+            self.store.all(Kind::Outbox)?.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect();
+        // Ids are UUIDv7: their order is the order they were written.
+        frames.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(frames)
+    }
+
+    /// The relay accepted message `id`.
+    pub fn mark_sent(&self, id: &str) -> Result<()> {
+        self.store.remove(Kind::Outbox, id.as_bytes())
+    }
+
+    /// The message log, oldest first.
+    pub fn messages(&self) -> Result<Vec<ChatMessage>> {
+        self.store
+            .messages()?
+            .iter()
+            .map(|v| serde_json::from_slice(v).map_err(|e| ClientError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Decrypts and stores a relay `message` frame's content.
+    pub async fn receive(&self, id: &str, from: &str, kind: &str, body: &str) -> Result<Incoming> {
+        let from = user_id_checked("from", from)?;
+        let seen = [from.as_bytes(), b"/", id.as_bytes()].concat();
+        if self.store.get(Kind::Seen, &seen)?.is_some() {
+            return Ok(Incoming::Duplicate);
+        }
+        let bytes = decode_b64("body", body)?;
+        let ciphertext = match kind {
+            "prekey" => PreKeySignalMessage::try_from(bytes.as_slice()).map(CiphertextMessage::PreKeySignalMessage),
+            "whisper" => SignalMessage::try_from(bytes.as_slice()).map(CiphertextMessage::SignalMessage),
+            other => {
+                return Ok(Incoming::Undecryptable { from, reason: format!("unknown message kind {other:?}") });
+            }
+        };
+        let ciphertext = match ciphertext {
+            Ok(c) => c,
+            Err(error) => return Ok(Incoming::Undecryptable { from, reason: error.to_string() }),
+        };
+        if self.stores.identities.pending(&from)?.is_some() {
+            self.hold(id, &from, kind, body)?;
+            return Ok(Incoming::Held { from });
+        }
+        let remote = address(&from);
+        let _guard = self.crypto.lock().await;
+        let mut stores = self.stores.clone();
+        let result = self
+            .store
+            .transaction_async(async {
+                let plaintext = message_decrypt(
+                    &ciphertext,
+                    &remote,
+                    &mut stores.sessions,
+                    &mut stores.identities,
+                    &mut stores.prekeys,
+                    &stores.signed,
+                    &mut stores.kyber,
+                    &mut rand::rng(),
+                )
+                .await?;
+                let content: Content =
+                    serde_json::from_slice(&plaintext).map_err(|e| ClientError::Protocol(format!("content: {e}")))?;
+                let message = ChatMessage {
+                    id: id.to_owned(),
+                    peer: from.clone(),
+                    outgoing: false,
+                    text: content.text,
+                    sent_at_ms: content.sent_at_ms,
+                };
+                self.log(&message)?;
+                self.store.put(Kind::Seen, &seen, &[1])?;
+                self.store.remove(Kind::Held, &seen)?;
+                Ok(message)
+            })
+            .await;
+        match result {
+            Ok(message) => Ok(Incoming::Stored(message)),
+            Err(ClientError::UntrustedIdentity(_)) => {
+                // is_trusted_identity noted the new key as pending (its write was
+                // rolled back with the transaction: note it again).
+                if let CiphertextMessage::PreKeySignalMessage(m) = &ciphertext {
+                    self.stores.identities.note_pending(&from, m.identity_key())?;
+                }
+                self.hold(id, &from, kind, body)?;
+                Ok(Incoming::Held { from })
+            }
+            Err(ClientError::Protocol(reason)) => Ok(Incoming::Undecryptable { from, reason }),
+            Err(other) => Err(other),
+        }
+    }
+
+    fn hold(&self, id: &str, from: &str, kind: &str, body: &str) -> Result<()> {
+        let held = HeldMessage { id: id.into(), from: from.into(), kind: kind.into(), body: body.into() };
+        self.store.put(Kind::Held, &[from.as_bytes(), b"/", id.as_bytes()].concat(), &to_json(&held)?)
+    }
+
+    /// Accepts `contact`'s new identity key; returns the held messages from
+    /// them as `(id, kind, body)` to decrypt again.
+    pub fn trust_identity(&self, contact: &str) -> Result<Vec<(String, String, String)>> {
+        let contact = user_id_checked("contact", contact)?;
+        let key = self
+            .stores
+            .identities
+            .pending(&contact)?
+            .ok_or_else(|| invalid("contact", "no changed identity key is waiting for this contact"))?;
+        self.store.transaction(|| {
+            self.stores.identities.trust(&contact, &key)?;
+            // The old session belongs to the old identity.
+            self.store.remove(Kind::Session, contact.as_bytes())
+        })?;
+        let mut held: Vec<HeldMessage> =
+            self.store.all(Kind::Held)?.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect();
+        held.retain(|h| h.from == contact);
+        held.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(held.into_iter().map(|h| (h.id, h.kind, h.body)).collect())
+    }
+
+    /// Refills one-time keys below [`REFILL_BELOW`] (EC and Kyber apart) and
+    /// rotates a signed prekey older than 7 days (keeping the previous one).
+    pub async fn maintain_prekeys(&self, now_ms: u64) -> Result<PrekeyReport> {
+        let (_, identity) = self.registered()?;
+        let token = self.token().await?;
+        let (one_time_before, kyber_before) = self.api.key_counts(&token).await?;
+        let mut report = PrekeyReport { one_time_before, kyber_before, ..Default::default() };
+        let signed_at = self.store.meta_u64(meta::SIGNED_PREKEY_AT_MS)?.unwrap_or(0);
+        let rotate = now_ms.saturating_sub(signed_at) > SIGNED_PREKEY_MAX_AGE_MS;
+        let _guard = self.crypto.lock().await;
+        let keys = KeyMaker::new(&self.store, &identity);
+        for (needed, kind) in
+            [(one_time_before < REFILL_BELOW, "one_time_prekeys"), (kyber_before < REFILL_BELOW, "kyber_prekeys")]
+        {
+            if !needed {
+                continue;
+            }
+            // Keys are stored before the upload: a key the server hands out
+            // must always be one this client can answer.
+            let body = self.store.transaction(|| {
+                Ok(match kind {
+                    "one_time_prekeys" => json!({ "one_time_prekeys": keys.one_time_prekeys(REFILL_COUNT)? }),
+                    _ => json!({ "kyber_prekeys": keys.kyber_prekeys(REFILL_COUNT)? }),
+                })
+            })?;
+            self.api.upload_keys(&token, &body).await?;
+            match kind {
+                "one_time_prekeys" => report.one_time_uploaded = REFILL_COUNT,
+                _ => report.kyber_uploaded = REFILL_COUNT,
+            }
+        }
+        if rotate {
+            let body = self.store.transaction(|| Ok(json!({ "signed_prekey": keys.signed_prekey(now_ms)? })))?;
+            self.api.upload_keys(&token, &body).await?;
+            report.signed_prekey_rotated = true;
+        }
+        Ok(report)
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| ClientError::Store(e.to_string()))
+}
+
+/// The libsignal safety number of two users (version 2, 5,200 iterations, as Signal's apps use).
+pub fn safety_number(local: &str, local_key: &IdentityKey, remote: &str, remote_key: &IdentityKey) -> Result<String> {
+    let fingerprint = Fingerprint::new(2, 5200, local.as_bytes(), local_key, remote.as_bytes(), remote_key)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    fingerprint.display_string().map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// A `GET /v1/keys/{user}` answer as a libsignal bundle (every signature is
+/// checked by libsignal when the session is set up).
+fn parse_bundle(bundle: &Value) -> Result<PreKeyBundle> {
+    let text = |pointer: &str| -> Result<&str> {
+        bundle.pointer(pointer).and_then(Value::as_str).ok_or_else(|| invalid("bundle", format!("no {pointer}")))
+    };
+    let number = |pointer: &str| -> Result<u32> {
+        bundle
+            .pointer(pointer)
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| invalid("bundle", format!("no {pointer}")))
+    };
+    let one_time = match bundle.get("one_time_prekey") {
+        Some(Value::Object(_)) => Some((
+            PreKeyId::from(number("/one_time_prekey/id")?),
+            PublicKey::deserialize(&decode_b64("bundle", text("/one_time_prekey/public_key")?)?).map_err(protocol)?,
+        )),
+        _ => None,
+    };
+    Ok(PreKeyBundle::new(
+        number("/registration_id")?,
+        DeviceId::new(DEVICE).expect("device 1 is valid"),
+        one_time,
+        SignedPreKeyId::from(number("/signed_prekey/id")?),
+        PublicKey::deserialize(&decode_b64("bundle", text("/signed_prekey/public_key")?)?).map_err(protocol)?,
+        decode_b64("bundle", text("/signed_prekey/signature")?)?,
+        KyberPreKeyId::from(number("/kyber_prekey/id")?),
+        kem::PublicKey::deserialize(&decode_b64("bundle", text("/kyber_prekey/public_key")?)?)?,
+        decode_b64("bundle", text("/kyber_prekey/signature")?)?,
+        IdentityKey::decode(&decode_b64("bundle", text("/identity_key")?)?)?,
+    )?)
+}

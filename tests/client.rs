@@ -1,0 +1,510 @@
+//! The client crate (`android/`, `privcomm-client`) against a real
+//! `privcomm serve` process, embedded (SQLite) and cluster (PostgreSQL +
+//! NATS): real libsignal sessions (PQXDH), the encrypted local store, the
+//! reconnecting connection and prekey maintenance.
+
+#[macro_use]
+mod support;
+
+use privcomm_client::{ChatMessage, Client, ClientConfig, ClientError, ClientListener, ConnectionState, Pause};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::api::Mode;
+use support::node::{Server, privcomm, start_server_at};
+use support::{TempDir, TestDatabase, TestResult};
+use tokio::sync::mpsc;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+in_both_modes!(
+    two_clients_exchange_a_hundred_messages_both_ways_and_the_server_holds_only_ciphertext,
+    a_reopened_client_continues_without_a_new_session,
+    the_client_backs_off_gives_up_after_ten_attempts_and_sends_its_queue_when_back,
+    prekeys_are_refilled_and_a_session_after_exhaustion_uses_the_last_resort_key,
+    a_changed_identity_is_reported_and_its_messages_held_until_trusted,
+);
+
+/// A `privcomm serve` process that can be stopped and started again on the same address and data.
+struct TestServer {
+    mode: Mode,
+    dir: TempDir,
+    db: Option<TestDatabase>,
+    stream: String,
+    process: Option<Server>,
+    address: SocketAddr,
+}
+
+impl TestServer {
+    async fn start(mode: Mode) -> Result<TestServer, Error> {
+        let db = match mode {
+            Mode::Embedded => None,
+            Mode::Cluster => Some(TestDatabase::migrated().await?),
+        };
+        let stream = format!("PC_TEST_CLIENT_{}", uuid::Uuid::now_v7().simple());
+        let mut server =
+            TestServer { mode, dir: TempDir::new(), db, stream, process: None, address: "127.0.0.1:0".parse()? };
+        server.run("127.0.0.1:0")?;
+        Ok(server)
+    }
+
+    fn run(&mut self, listen: &str) -> Result<(), Error> {
+        let mut command: Command = privcomm(&self.dir);
+        command
+            .env("SECRET_KEY", "client-test-secret-key-0123456789abcdef")
+            .env("RATE_LIMIT_REGISTRATION", "100000/1s")
+            .env("RATE_LIMIT_TOKEN", "100000/1s")
+            .env("RATE_LIMIT_KEY_BUNDLE", "100000/1s");
+        if let (Mode::Cluster, Some(db)) = (self.mode, &self.db) {
+            command.env("DATABASE_URL", &db.url).env("NATS_URL", support::nats_url()).env("NATS_STREAM", &self.stream);
+        }
+        let process = start_server_at(command, listen)?;
+        self.address = process.address;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        self.process.take(); // killed on drop
+    }
+
+    fn restart(&mut self) -> Result<(), Error> {
+        let listen = self.address.to_string();
+        self.run(&listen)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn database_url(&self) -> String {
+        match &self.db {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite:{}", self.dir.path.join("data/privcomm.db").display()),
+        }
+    }
+
+    /// How many stored events hold `needle` in their payload; for SQLite also
+    /// whether the database files hold it anywhere.
+    async fn holds(&self, needle: &[u8]) -> Result<bool, Error> {
+        let url = self.database_url();
+        let db = privcomm::projector::open_read_db(&url).await?;
+        let sql = match db {
+            privcomm_projections::store::ReadDb::Postgres(_) => {
+                "SELECT count(*) FROM events WHERE position($1::bytea IN payload) > 0"
+            }
+            privcomm_projections::store::ReadDb::Sqlite(_) => {
+                "SELECT count(*) FROM events WHERE instr(payload, $1) > 0"
+            }
+        };
+        let count: i64 =
+            privcomm_projections::on_db!(&db, pool => sqlx::query_scalar(sql).bind(needle).fetch_one(pool).await?);
+        let mut found = count > 0;
+        if matches!(self.mode, Mode::Embedded) {
+            for suffix in ["", "-wal"] {
+                let bytes = std::fs::read(format!("{}{suffix}", url.trim_start_matches("sqlite:"))).unwrap_or_default();
+                found |= bytes.windows(needle.len()).any(|w| w == needle);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Events stored so far.
+    async fn events(&self) -> Result<i64, Error> {
+        let db = privcomm::projector::open_read_db(&self.database_url()).await?;
+        Ok(
+            privcomm_projections::on_db!(&db, pool => sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?),
+        )
+    }
+
+    async fn cleanup(mut self) {
+        self.stop();
+        if let Ok(client) = async_nats::connect(support::nats_url()).await {
+            let _ = async_nats::jetstream::new(client).delete_stream(&self.stream).await;
+        }
+        if let Some(db) = self.db.take() {
+            db.drop_database().await;
+        }
+    }
+}
+
+/// What a listener heard.
+#[derive(Clone, Debug, PartialEq)]
+enum Event {
+    State(ConnectionState, String),
+    Message(ChatMessage),
+    Sent(String),
+    SendFailed(String, String),
+    IdentityChanged(String, String),
+    Undecryptable(String, String),
+}
+
+struct Recorder(mpsc::UnboundedSender<Event>);
+
+impl ClientListener for Recorder {
+    fn on_state_changed(&self, state: ConnectionState, detail: String) {
+        let _ = self.0.send(Event::State(state, detail));
+    }
+    fn on_message(&self, message: ChatMessage) {
+        let _ = self.0.send(Event::Message(message));
+    }
+    fn on_sent(&self, message_id: String) {
+        let _ = self.0.send(Event::Sent(message_id));
+    }
+    fn on_send_failed(&self, message_id: String, reason: String) {
+        let _ = self.0.send(Event::SendFailed(message_id, reason));
+    }
+    fn on_identity_changed(&self, contact: String, safety_number: String) {
+        let _ = self.0.send(Event::IdentityChanged(contact, safety_number));
+    }
+    fn on_undecryptable(&self, from: String, reason: String) {
+        let _ = self.0.send(Event::Undecryptable(from, reason));
+    }
+}
+
+/// Records each wait instead of waiting.
+#[derive(Default)]
+struct RecordedPauses(Mutex<Vec<(u32, Duration)>>);
+
+impl Pause for RecordedPauses {
+    fn pause(&self, failures: u32, delay: Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        self.0.lock().expect("pauses").push((failures, delay));
+        Box::pin(async {})
+    }
+}
+
+/// A client with its store in `dir`, its events, and its blocking calls run off the runtime.
+struct TestClient {
+    client: Arc<Client>,
+    events: mpsc::UnboundedReceiver<Event>,
+    config: ClientConfig,
+}
+
+fn store_key(seed: u8) -> Vec<u8> {
+    vec![seed; 32]
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.expect("blocking call panicked")
+}
+
+impl TestClient {
+    async fn open(dir: &TempDir, name: &str, key: Vec<u8>, server: &str) -> Result<TestClient, ClientError> {
+        TestClient::open_with(dir, name, key, server, None).await
+    }
+
+    async fn open_with(
+        dir: &TempDir,
+        name: &str,
+        key: Vec<u8>,
+        server: &str,
+        pauses: Option<Arc<RecordedPauses>>,
+    ) -> Result<TestClient, ClientError> {
+        let config = ClientConfig {
+            store_path: dir.path.join(format!("{name}.db")).display().to_string(),
+            store_key: key,
+            server_url: server.to_owned(),
+        };
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let listener: Arc<dyn ClientListener> = Arc::new(Recorder(events_tx));
+        let opening = config.clone();
+        let client = blocking(move || match pauses {
+            Some(pauses) => Client::with_pause(opening, listener, pauses),
+            None => Client::new(opening, listener),
+        })
+        .await?;
+        Ok(TestClient { client, events, config })
+    }
+
+    async fn call<T: Send + 'static>(&self, work: impl FnOnce(&Client) -> T + Send + 'static) -> T {
+        let client = self.client.clone();
+        blocking(move || work(&client)).await
+    }
+
+    async fn register(&self, phone: &str) -> Result<String, ClientError> {
+        let phone = phone.to_owned();
+        self.call(move |c| c.register(phone)).await
+    }
+
+    async fn send(&self, to: &str, text: &str) -> Result<String, ClientError> {
+        let (to, text) = (to.to_owned(), text.to_owned());
+        self.call(move |c| c.send_text(to, text)).await
+    }
+
+    async fn connected(&mut self) -> Result<(), Error> {
+        self.call(|c| c.connect()).await?;
+        self.next(|e| matches!(e, Event::State(ConnectionState::Connected, _))).await?;
+        Ok(())
+    }
+
+    /// The next event matching `wanted` (others are skipped), within 20 s.
+    async fn next(&mut self, wanted: impl Fn(&Event) -> bool) -> Result<Event, Error> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) if wanted(&event) => return Ok(event),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err("the client's listener is gone".into()),
+                Err(_) => return Err("no such event within 20 s".into()),
+            }
+        }
+    }
+
+    /// The texts of the next `count` messages, in arrival order.
+    async fn receive(&mut self, count: usize) -> Result<Vec<ChatMessage>, Error> {
+        let mut out = Vec::new();
+        while out.len() < count {
+            if let Event::Message(message) = self.next(|e| matches!(e, Event::Message(_))).await? {
+                out.push(message);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn close(self) {
+        let client = self.client;
+        blocking(move || client.close()).await;
+    }
+}
+
+fn phone(tag: &str) -> String {
+    format!("+1555{}{tag}", &uuid::Uuid::now_v7().simple().to_string()[24..])
+}
+
+async fn two_clients_exchange_a_hundred_messages_both_ways_and_the_server_holds_only_ciphertext(
+    mode: Mode,
+) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let mut alice = TestClient::open(&dir, "alice", store_key(1), &server.url()).await?;
+    let mut bob = TestClient::open(&dir, "bob", store_key(2), &server.url()).await?;
+    let alice_id = alice.register(&phone("1")).await?;
+    let bob_id = bob.register(&phone("2")).await?;
+    alice.connected().await?;
+    bob.connected().await?;
+    let text = |from: &str, n: usize| format!("plaintext {from} #{n:03} {}", uuid::Uuid::now_v7().simple());
+    let (mut to_bob, mut to_alice) = (Vec::new(), Vec::new());
+    for n in 0..100 {
+        let (a, b) = (text("alice", n), text("bob", n));
+        alice.send(&bob_id, &a).await?;
+        bob.send(&alice_id, &b).await?;
+        to_bob.push(a);
+        to_alice.push(b);
+    }
+    let at_bob = bob.receive(100).await?;
+    let at_alice = alice.receive(100).await?;
+    assert_eq!(at_bob.iter().map(|m| m.text.clone()).collect::<Vec<_>>(), to_bob, "bob's messages");
+    assert_eq!(at_alice.iter().map(|m| m.text.clone()).collect::<Vec<_>>(), to_alice, "alice's messages");
+    assert!(at_bob.iter().all(|m| m.peer == alice_id && !m.outgoing));
+    // Both logs hold the whole conversation.
+    let log = alice.call(|c| c.messages()).await?;
+    assert_eq!(log.len(), 200);
+    assert_eq!(log.iter().filter(|m| m.outgoing).count(), 100);
+    // The server never held a plaintext (the search does find what it stores: the sender's id).
+    assert!(server.holds(alice_id.as_bytes()).await?, "the byte search finds nothing at all");
+    for plain in to_bob.iter().chain(&to_alice).step_by(7) {
+        assert!(!server.holds(plain.as_bytes()).await?, "the server stored a plaintext: {plain}");
+    }
+    assert!(server.events().await? > 400, "the messages were not stored as events at all");
+    // The safety numbers agree on both sides.
+    let (b, a) = (bob_id.clone(), alice_id.clone());
+    let (at_a, at_b) = (alice.call(move |c| c.safety_number(b)).await?, bob.call(move |c| c.safety_number(a)).await?);
+    assert_eq!(at_a, at_b);
+    assert_eq!(at_a.len(), 60);
+    alice.close().await;
+    bob.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn a_reopened_client_continues_without_a_new_session(mode: Mode) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let mut alice = TestClient::open(&dir, "alice", store_key(3), &server.url()).await?;
+    let mut bob = TestClient::open(&dir, "bob", store_key(4), &server.url()).await?;
+    let alice_id = alice.register(&phone("3")).await?;
+    let bob_id = bob.register(&phone("4")).await?;
+    alice.connected().await?;
+    bob.connected().await?;
+    alice.send(&bob_id, "before the restart").await?;
+    assert_eq!(bob.receive(1).await?[0].text, "before the restart");
+    bob.send(&alice_id, "reply before").await?;
+    assert_eq!(alice.receive(1).await?[0].text, "reply before");
+    let bob_keys = bundles_claimed(&server, &bob_id).await?;
+
+    // Close A mid-conversation: B writes while A is away.
+    let config = alice.config.clone();
+    alice.close().await;
+    bob.send(&alice_id, "while you were away").await?;
+    let mut alice = TestClient::open(&dir, "alice", config.store_key.clone(), &config.server_url).await?;
+    assert_eq!(alice.call(|c| c.user_id()).await?, Some(alice_id.clone()));
+    alice.connected().await?;
+    assert_eq!(alice.receive(1).await?[0].text, "while you were away");
+    alice.send(&bob_id, "after the restart").await?;
+    assert_eq!(bob.receive(1).await?[0].text, "after the restart");
+    // No new session: no bundle of bob was fetched (his one-time keys are untouched).
+    assert_eq!(bundles_claimed(&server, &bob_id).await?, bob_keys, "a new session was set up");
+    let log = alice.call(|c| c.messages()).await?;
+    let texts: Vec<&str> = log.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["before the restart", "reply before", "while you were away", "after the restart"]);
+
+    // A wrong store key: a clear error; the store is intact and opens with the right key.
+    alice.close().await;
+    let before = std::fs::read(&config.store_path)?;
+    let wrong = TestClient::open(&dir, "alice", store_key(99), &config.server_url).await;
+    assert!(matches!(wrong, Err(ClientError::WrongStoreKey(_))), "{:?}", wrong.err());
+    assert_eq!(std::fs::read(&config.store_path)?, before, "a wrong key changed the store");
+    let alice = TestClient::open(&dir, "alice", config.store_key.clone(), &config.server_url).await?;
+    assert_eq!(alice.call(|c| c.messages()).await?.len(), 4);
+    alice.close().await;
+    bob.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+/// How many bundles of `user` were handed out (from the server's log).
+async fn bundles_claimed(server: &TestServer, user: &str) -> Result<i64, Error> {
+    let db = privcomm::projector::open_read_db(&server.database_url()).await?;
+    let uploads = "SELECT count(*) FROM events WHERE stream_id = $1 AND event_type = 'PreKeyClaimed'";
+    let stream = format!("user-{user}");
+    let claimed: i64 =
+        privcomm_projections::on_db!(&db, pool => sqlx::query_scalar(uploads).bind(&stream).fetch_one(pool).await?);
+    Ok(claimed)
+}
+
+async fn the_client_backs_off_gives_up_after_ten_attempts_and_sends_its_queue_when_back(mode: Mode) -> TestResult {
+    let mut server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let pauses = Arc::new(RecordedPauses::default());
+    let mut alice = TestClient::open_with(&dir, "alice", store_key(5), &server.url(), Some(pauses.clone())).await?;
+    let mut bob = TestClient::open(&dir, "bob", store_key(6), &server.url()).await?;
+    let _alice_id = alice.register(&phone("5")).await?;
+    let bob_id = bob.register(&phone("6")).await?;
+    alice.connected().await?;
+    alice.send(&bob_id, "a session first").await?;
+    alice.next(|e| matches!(e, Event::Sent(_))).await?;
+
+    // The server goes away: A walks the schedule and gives up.
+    server.stop();
+    let gave_up = alice.next(|e| matches!(e, Event::State(ConnectionState::Error, _))).await?;
+    assert!(matches!(&gave_up, Event::State(_, detail) if detail.contains("10 attempts")), "{gave_up:?}");
+    assert_eq!(alice.call(|c| c.state()).await, ConnectionState::Error);
+    let waits = pauses.0.lock().map_err(|_| "pauses")?.clone();
+    assert_eq!(waits.iter().map(|(n, _)| *n).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>(), "{waits:?}");
+    for (failures, delay) in &waits {
+        let step = Duration::from_secs([1, 2, 4, 8, 16, 32, 60, 60, 60][(*failures - 1) as usize]);
+        assert!(*delay >= step / 2 && *delay <= step, "wait {failures}: {delay:?} outside [{:?}, {step:?}]", step / 2);
+    }
+    // Sent while offline: queued.
+    let queued = [alice.send(&bob_id, "queued 1").await?, alice.send(&bob_id, "queued 2").await?];
+
+    // The server is back; connect() again delivers the queue.
+    server.restart()?;
+    alice.connected().await?;
+    for id in &queued {
+        let sent = alice.next(|e| matches!(e, Event::Sent(_))).await?;
+        assert!(matches!(&sent, Event::Sent(s) if queued.contains(s)), "{sent:?} {id}");
+    }
+    bob.connected().await?;
+    let texts: Vec<String> = bob.receive(3).await?.into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["a session first", "queued 1", "queued 2"]);
+    alice.close().await;
+    bob.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn prekeys_are_refilled_and_a_session_after_exhaustion_uses_the_last_resort_key(mode: Mode) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let alice = TestClient::open(&dir, "alice", store_key(7), &server.url()).await?;
+    let alice_id = alice.register(&phone("7")).await?;
+    // 85 bundle fetches by somebody else.
+    let http = reqwest::Client::new();
+    let other = privcomm::keygen::KeyedUser::new(&phone("8"));
+    other.register(&http, &server.url(), 8).await?;
+    let token = other.login(&http, &server.url()).await?;
+    let fetch = |n: usize| {
+        let (http, token, url) = (http.clone(), token.clone(), format!("{}/v1/keys/{alice_id}", server.url()));
+        async move {
+            for _ in 0..n {
+                let response = http.get(&url).bearer_auth(&token).send().await?;
+                if response.status() != 200 {
+                    return Err::<(), Error>(format!("bundle fetch answered {}", response.status()).into());
+                }
+            }
+            Ok(())
+        }
+    };
+    fetch(85).await?;
+    let report = alice.call(|c| c.maintain_prekeys()).await?;
+    assert_eq!((report.one_time_before, report.kyber_before), (15, 15), "{report:?}");
+    assert_eq!((report.one_time_uploaded, report.kyber_uploaded), (100, 100), "{report:?}");
+    assert!(!report.signed_prekey_rotated, "a fresh signed prekey was rotated");
+    let again = alice.call(|c| c.maintain_prekeys()).await?;
+    assert_eq!((again.one_time_before, again.kyber_before), (115, 115), "{again:?}");
+    assert_eq!((again.one_time_uploaded, again.kyber_uploaded), (0, 0), "nothing to do the second time");
+
+    // Exhaust every one-time key; a session set up now uses the last-resort Kyber key and no EC one-time key.
+    fetch(115).await?;
+    let last = http.get(format!("{}/v1/keys/{alice_id}", server.url())).bearer_auth(&token).send().await?;
+    let bundle: serde_json::Value = last.json().await?;
+    assert!(bundle["one_time_prekey"].is_null() && bundle["kyber_prekey"]["last_resort"] == true, "{bundle}");
+    let mut carol = TestClient::open(&dir, "carol", store_key(9), &server.url()).await?;
+    carol.register(&phone("9")).await?;
+    carol.connected().await?;
+    let mut alice = alice;
+    alice.connected().await?;
+    carol.send(&alice_id, "after exhaustion").await?;
+    assert_eq!(alice.receive(1).await?[0].text, "after exhaustion");
+    alice.close().await;
+    carol.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn a_changed_identity_is_reported_and_its_messages_held_until_trusted(mode: Mode) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let mut alice = TestClient::open(&dir, "alice", store_key(10), &server.url()).await?;
+    let mut bob = TestClient::open(&dir, "bob", store_key(11), &server.url()).await?;
+    let alice_id = alice.register(&phone("10")).await?;
+    let bob_id = bob.register(&phone("11")).await?;
+    alice.connected().await?;
+    bob.connected().await?;
+    bob.send(&alice_id, "hello with my first identity").await?;
+    assert_eq!(alice.receive(1).await?[0].text, "hello with my first identity");
+    let b = bob_id.clone();
+    let first_number = alice.call(move |c| c.safety_number(b)).await?;
+
+    // Bob's identity key changes; his next message is held, and alice is told.
+    bob.call(|c| c.reset_identity()).await?;
+    bob.send(&alice_id, "hello with my new identity").await?;
+    let changed = alice.next(|e| matches!(e, Event::IdentityChanged(..) | Event::Message(_))).await?;
+    let Event::IdentityChanged(contact, number) = changed else {
+        return Err(format!("a message from a changed identity was accepted: {changed:?}").into());
+    };
+    assert_eq!(contact, bob_id);
+    assert_ne!(number, first_number, "the safety number did not change");
+    let b = bob_id.clone();
+    assert_eq!(alice.call(move |c| c.safety_number(b)).await?, number);
+    assert!(!alice.call(|c| c.messages()).await?.iter().any(|m| m.text == "hello with my new identity"));
+    // Alice cannot write to the unverified identity either.
+    let refused = alice.send(&bob_id, "to whom?").await;
+    assert!(matches!(refused, Err(ClientError::UntrustedIdentity(_))), "{refused:?}");
+
+    // Alice compares the numbers and trusts: the held message arrives, and both ways work again.
+    let b = bob_id.clone();
+    alice.call(move |c| c.trust_identity(b)).await?;
+    assert_eq!(alice.receive(1).await?[0].text, "hello with my new identity");
+    alice.send(&bob_id, "welcome back").await?;
+    assert_eq!(bob.receive(1).await?[0].text, "welcome back");
+    let b = bob_id.clone();
+    let a = alice_id.clone();
+    assert_eq!(alice.call(move |c| c.safety_number(b)).await?, bob.call(move |c| c.safety_number(a)).await?);
+    alice.close().await;
+    bob.close().await;
+    server.cleanup().await;
+    Ok(())
+}
