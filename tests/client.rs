@@ -264,7 +264,7 @@ impl TestClient {
 
     async fn close(self) {
         let client = self.client;
-        blocking(move || client.close()).await;
+        blocking(move || client.shutdown()).await;
     }
 }
 
@@ -446,16 +446,32 @@ async fn prekeys_are_refilled_and_a_session_after_exhaustion_uses_the_last_resor
     assert_eq!((again.one_time_before, again.kyber_before), (115, 115), "{again:?}");
     assert_eq!((again.one_time_uploaded, again.kyber_uploaded), (0, 0), "nothing to do the second time");
 
+    // Dave sets up a session now and sends while offline; alice's signed
+    // prekey then turns 8 days old and is rotated; dave's late first message
+    // still decrypts (the previous signed prekey is kept).
+    let mut dave = TestClient::open(&dir, "dave", store_key(12), &server.url()).await?;
+    dave.register(&phone("12")).await?;
+    dave.send(&alice_id, "sealed to the old signed prekey").await?;
+    let eight_days_on = privcomm_client::signal::now_ms() + 8 * 24 * 3600 * 1000;
+    let rotated = alice.call(move |c| c.maintain_prekeys_at(eight_days_on)).await?;
+    assert!(rotated.signed_prekey_rotated, "{rotated:?}");
+    let bundle: serde_json::Value =
+        http.get(format!("{}/v1/keys/{alice_id}", server.url())).bearer_auth(&token).send().await?.json().await?;
+    assert_eq!(bundle["signed_prekey"]["id"], 2, "the server hands out the new signed prekey: {bundle}");
+    let mut alice = alice;
+    alice.connected().await?;
+    dave.connected().await?;
+    assert_eq!(alice.receive(1).await?[0].text, "sealed to the old signed prekey");
+    dave.close().await;
+
     // Exhaust every one-time key; a session set up now uses the last-resort Kyber key and no EC one-time key.
-    fetch(115).await?;
+    fetch(113).await?; // 115 each, less the two bundles fetched above
     let last = http.get(format!("{}/v1/keys/{alice_id}", server.url())).bearer_auth(&token).send().await?;
     let bundle: serde_json::Value = last.json().await?;
     assert!(bundle["one_time_prekey"].is_null() && bundle["kyber_prekey"]["last_resort"] == true, "{bundle}");
     let mut carol = TestClient::open(&dir, "carol", store_key(9), &server.url()).await?;
     carol.register(&phone("9")).await?;
     carol.connected().await?;
-    let mut alice = alice;
-    alice.connected().await?;
     carol.send(&alice_id, "after exhaustion").await?;
     assert_eq!(alice.receive(1).await?[0].text, "after exhaustion");
     alice.close().await;

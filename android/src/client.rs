@@ -230,8 +230,8 @@ impl Client {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stops the client's thread (the store is closed; the object is unusable after).
-    pub fn close(&self) {
+    /// Stops the client's thread (the store is closed; the object is unusable after). Kotlin's `close()` does it too.
+    pub fn shutdown(&self) {
         let _ = self.disconnect();
         // The thread ends when its queue has no sender left and it is empty.
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -244,11 +244,17 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.close();
+        self.shutdown();
     }
 }
 
 impl Client {
+    /// [`Client::maintain_prekeys`] as if the time were `now_ms` (tests: a
+    /// signed prekey seven days old without waiting seven days).
+    pub fn maintain_prekeys_at(&self, now_ms: u64) -> Result<PrekeyReport> {
+        self.call(move |r| Box::pin(async move { r.core.maintain_prekeys(now_ms).await }))
+    }
+
     /// [`Client::new`] with the waits between reconnect attempts injected.
     pub fn with_pause(
         config: ClientConfig,

@@ -164,27 +164,68 @@ impl Core {
         let _guard = self.crypto.lock().await;
         self.store
             .transaction_async(async {
-                let identity = IdentityKeyPair::generate(&mut rand::rng());
-                let registration_id = rand::random_range(1..=16_380u32);
-                self.store.put(Kind::Meta, meta::IDENTITY_KEY_PAIR.as_bytes(), &identity.serialize())?;
-                self.store.set_meta_u64(meta::REGISTRATION_ID, u64::from(registration_id))?;
-                let keys = KeyMaker::new(&self.store, &identity);
                 let phone_hash = hex::encode(sha2::Sha256::digest(phone.as_bytes()));
                 self.store.put(Kind::Meta, meta::PHONE_HASH.as_bytes(), phone_hash.as_bytes())?;
-                let body = json!({
-                    "phone_hash": phone_hash,
-                    "registration_id": registration_id,
-                    "identity_key": STANDARD.encode(identity.identity_key().serialize()),
-                    "signed_prekey": keys.signed_prekey(now_ms())?,
-                    "kyber_last_resort": keys.kyber_last_resort()?,
-                    "one_time_prekeys": keys.one_time_prekeys(REFILL_COUNT)?,
-                    "kyber_prekeys": keys.kyber_prekeys(REFILL_COUNT)?,
-                });
+                let body = self.new_identity(&phone_hash)?;
                 let user = self.api.register(&body).await?;
                 self.store.put(Kind::Meta, meta::USER_ID.as_bytes(), user.as_bytes())?;
                 Ok(user)
             })
             .await
+    }
+
+    /// Stores a new identity, registration id, signed prekey, Kyber
+    /// last-resort key and 100 + 100 one-time keys; returns the registration body.
+    pub(crate) fn new_identity(&self, phone_hash: &str) -> Result<Value> {
+        let identity = IdentityKeyPair::generate(&mut rand::rng());
+        let registration_id = rand::random_range(1..=16_380u32);
+        self.store.put(Kind::Meta, meta::IDENTITY_KEY_PAIR.as_bytes(), &identity.serialize())?;
+        self.store.set_meta_u64(meta::REGISTRATION_ID, u64::from(registration_id))?;
+        let keys = KeyMaker::new(&self.store, &identity);
+        Ok(json!({
+            "phone_hash": phone_hash,
+            "registration_id": registration_id,
+            "identity_key": STANDARD.encode(identity.identity_key().serialize()),
+            "signed_prekey": keys.signed_prekey(now_ms())?,
+            "kyber_last_resort": keys.kyber_last_resort()?,
+            "one_time_prekeys": keys.one_time_prekeys(REFILL_COUNT)?,
+            "kyber_prekeys": keys.kyber_prekeys(REFILL_COUNT)?,
+        }))
+    }
+
+    /// An account that exists only in this store (benchmarks): keys made,
+    /// nothing sent.
+    pub(crate) fn create_offline(&self, user_id: &str) -> Result<()> {
+        self.store.transaction(|| {
+            self.new_identity(&"0".repeat(64))?;
+            self.store.put(Kind::Meta, meta::USER_ID.as_bytes(), user_id.as_bytes())
+        })
+    }
+
+    /// A bundle of this account's keys as the server would hand it out, with
+    /// one-time keys `one_time_id` (benchmarks).
+    pub(crate) async fn own_bundle(&self, one_time_id: u32) -> Result<PreKeyBundle> {
+        use libsignal_protocol::{
+            GenericSignedPreKey as _, KyberPreKeyStore as _, PreKeyStore as _, SignedPreKeyStore as _,
+        };
+        let (_, identity) = self.registered()?;
+        let registration_id = self.store.meta_u64(meta::REGISTRATION_ID)?.unwrap_or(0) as u32;
+        let signed_id = self.store.meta_u64(meta::SIGNED_PREKEY_ID)?.ok_or(ClientError::NotRegistered)? as u32;
+        let signed = self.stores.signed.get_signed_pre_key(signed_id.into()).await?;
+        let one_time = self.stores.prekeys.get_pre_key(one_time_id.into()).await?;
+        let kyber = self.stores.kyber.get_kyber_pre_key(one_time_id.into()).await?;
+        Ok(PreKeyBundle::new(
+            registration_id,
+            DeviceId::new(DEVICE).expect("device 1 is valid"),
+            Some((one_time_id.into(), one_time.public_key()?)),
+            signed_id.into(),
+            signed.public_key()?,
+            signed.signature()?,
+            one_time_id.into(),
+            kyber.public_key()?,
+            kyber.signature()?,
+            *identity.identity_key(),
+        )?)
     }
 
     /// Replaces this account's identity key (after a suspected compromise, say):
@@ -203,22 +244,9 @@ impl Core {
         let _guard = self.crypto.lock().await;
         self.store
             .transaction_async(async {
-                let identity = IdentityKeyPair::generate(&mut rand::rng());
-                let registration_id = rand::random_range(1..=16_380u32);
-                self.store.put(Kind::Meta, meta::IDENTITY_KEY_PAIR.as_bytes(), &identity.serialize())?;
-                self.store.set_meta_u64(meta::REGISTRATION_ID, u64::from(registration_id))?;
                 self.store.remove_all(Kind::Session)?;
-                let keys = KeyMaker::new(&self.store, &identity);
-                let body = json!({
-                    "phone_hash": phone_hash,
-                    "registration_id": registration_id,
-                    "identity_key": STANDARD.encode(identity.identity_key().serialize()),
-                    "signed_prekey": keys.signed_prekey(now_ms())?,
-                    "kyber_last_resort": keys.kyber_last_resort()?,
-                    "one_time_prekeys": keys.one_time_prekeys(REFILL_COUNT)?,
-                    "kyber_prekeys": keys.kyber_prekeys(REFILL_COUNT)?,
-                    "identity_proof": { "nonce": nonce, "signature": STANDARD.encode(proof) },
-                });
+                let mut body = self.new_identity(&phone_hash)?;
+                body["identity_proof"] = json!({ "nonce": nonce, "signature": STANDARD.encode(proof) });
                 let again = self.api.register(&body).await?;
                 if again != user {
                     return Err(ClientError::Protocol(format!("the server re-registered {again}, not {user}")));
@@ -289,31 +317,44 @@ impl Core {
         let remote = address(&to);
         if self.stores.sessions.load_session(&remote).await?.is_none() {
             let token = self.token().await?;
-            let bundle = self.api.bundle(&token, &to).await?;
-            let bundle = parse_bundle(&bundle)?;
-            let _guard = self.crypto.lock().await;
-            let mut stores = self.stores.clone();
-            let established = self
-                .store
-                .transaction_async(async {
-                    process_prekey_bundle(
-                        &remote,
-                        &mut stores.sessions,
-                        &mut stores.identities,
-                        &bundle,
-                        SystemTime::now(),
-                        &mut rand::rng(),
-                    )
-                    .await
-                    .map_err(ClientError::from)
-                })
-                .await;
-            if let Err(ClientError::UntrustedIdentity(_)) = &established {
-                // Remembered outside the rolled-back transaction, for the safety number.
-                self.stores.identities.note_pending(&to, bundle.identity_key()?)?;
-            }
-            established?;
+            let bundle = parse_bundle(&self.api.bundle(&token, &to).await?)?;
+            self.start_session(&to, &bundle).await?;
         }
+        self.encrypt_text(&to, text).await
+    }
+
+    /// Sets up a session with `to` from their `bundle` (libsignal checks
+    /// every signature in it and the identity's trust).
+    pub async fn start_session(&self, to: &str, bundle: &PreKeyBundle) -> Result<()> {
+        let remote = address(to);
+        let _guard = self.crypto.lock().await;
+        let mut stores = self.stores.clone();
+        let established = self
+            .store
+            .transaction_async(async {
+                process_prekey_bundle(
+                    &remote,
+                    &mut stores.sessions,
+                    &mut stores.identities,
+                    bundle,
+                    SystemTime::now(),
+                    &mut rand::rng(),
+                )
+                .await
+                .map_err(ClientError::from)
+            })
+            .await;
+        if let Err(ClientError::UntrustedIdentity(_)) = &established {
+            // Remembered outside the rolled-back transaction, for the safety number.
+            self.stores.identities.note_pending(to, bundle.identity_key()?)?;
+        }
+        established
+    }
+
+    /// Encrypts `text` on the session with `to`, logs it and queues it, in
+    /// one store transaction; returns the frame to send.
+    pub async fn encrypt_text(&self, to: &str, text: &str) -> Result<(ChatMessage, OutgoingFrame)> {
+        let (to, remote) = (to.to_owned(), address(to));
         let message = ChatMessage {
             id: uuid::Uuid::now_v7().to_string(),
             peer: to.clone(),

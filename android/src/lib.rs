@@ -15,6 +15,7 @@
 //! interface and the [`ClientError`] enum.
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod core;
 pub mod error;

@@ -1,2 +1,259 @@
-//! placeholder replaced below
-fn main() {}
+//! `privcomm-chat`: privcomm in a terminal, on the same client core as the
+//! Android app. Try it in two terminals:
+//!
+//! ```sh
+//! privcomm-chat --store alice.db register +15550001   # prints alice's user id
+//! privcomm-chat --store bob.db register +15550002
+//! privcomm-chat --store alice.db chat <bob's user id>  # type lines; bob's arrive live
+//! privcomm-chat --store bob.db chat <alice's user id>
+//! ```
+//!
+//! The store key lives in `<store>.key` (32 random bytes, created with mode
+//! 0600 on first use) unless `PRIVCOMM_STORE_KEY` (64 hex digits) is set.
+
+use clap::{Parser, Subcommand};
+use privcomm_client::{ChatMessage, Client, ClientConfig, ClientListener, ConnectionState};
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "privcomm-chat", version, about = "End-to-end-encrypted chat on privcomm, in a terminal")]
+struct Cli {
+    /// The encrypted local store (created if missing).
+    #[arg(long, env = "PRIVCOMM_STORE", default_value = "privcomm-chat.db")]
+    store: PathBuf,
+    /// The server.
+    #[arg(long, env = "PRIVCOMM_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an account (only the SHA-256 of the number leaves this machine).
+    Register {
+        /// Phone number.
+        phone: String,
+    },
+    /// This account's user id.
+    Whoami,
+    /// The safety number to compare with a contact (read it to each other).
+    SafetyNumber {
+        /// The contact's user id.
+        contact: String,
+    },
+    /// Send one message and wait until the server accepted it.
+    Send {
+        /// The contact's user id.
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Chat with a contact: lines you type are sent, messages arrive live.
+    Chat {
+        /// The contact's user id.
+        contact: String,
+    },
+    /// Print messages as they arrive.
+    Listen,
+    /// The conversation so far (from the local store).
+    History,
+    /// Accept a contact's changed identity key (after comparing safety numbers).
+    Trust {
+        /// The contact's user id.
+        contact: String,
+    },
+    /// Refill one-time prekeys and rotate the signed prekey when due.
+    MaintainPrekeys,
+    /// Benchmark: encrypt+persist and decrypt+persist per message against
+    /// raw libsignal with in-memory stores (no server; docs/BENCHMARKS.md).
+    Bench {
+        /// Messages A → B.
+        #[arg(long, default_value_t = 5_000)]
+        messages: usize,
+        /// Where the benchmark's stores go (removed afterwards).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+struct Printer {
+    sent: std::sync::mpsc::Sender<String>,
+    connected: std::sync::mpsc::Sender<ConnectionState>,
+}
+
+impl ClientListener for Printer {
+    fn on_state_changed(&self, state: ConnectionState, detail: String) {
+        if !detail.is_empty() || state == ConnectionState::Error {
+            eprintln!("[{state:?}] {detail}");
+        }
+        let _ = self.connected.send(state);
+    }
+    fn on_message(&self, message: ChatMessage) {
+        println!("{} > {}", short(&message.peer), message.text);
+    }
+    fn on_sent(&self, message_id: String) {
+        let _ = self.sent.send(message_id);
+    }
+    fn on_send_failed(&self, message_id: String, reason: String) {
+        eprintln!("message {message_id} was refused: {reason}");
+        let _ = self.sent.send(message_id);
+    }
+    fn on_identity_changed(&self, contact: String, safety_number: String) {
+        eprintln!(
+            "!! the identity key of {contact} changed. Their messages are held.\n   New safety number: {}\n   Compare it with them, then run: privcomm-chat trust {contact}",
+            group(&safety_number)
+        );
+    }
+    fn on_undecryptable(&self, from: String, reason: String) {
+        eprintln!("a message from {} could not be decrypted: {reason}", short(&from));
+    }
+}
+
+fn short(user: &str) -> &str {
+    &user[..user.len().min(8)]
+}
+
+/// `12345 67890 …`, as Signal's apps show it.
+fn group(number: &str) -> String {
+    number.as_bytes().chunks(5).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
+fn store_key(store: &Path) -> Result<Vec<u8>, String> {
+    if let Ok(hex_key) = std::env::var("PRIVCOMM_STORE_KEY") {
+        return hex::decode(hex_key.trim()).map_err(|_| "PRIVCOMM_STORE_KEY must be 64 hex digits".to_owned());
+    }
+    let path = store.with_extension("key");
+    match std::fs::read(&path) {
+        Ok(key) => Ok(key),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+            file.write_all(&key).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(error) => Err(format!("reading {}: {error}", path.display())),
+    }
+}
+
+fn bench(messages: usize, dir: &Path) -> Result<(), String> {
+    use privcomm_client::bench::quantile;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let figures = runtime.block_on(privcomm_client::bench::run(messages, dir)).map_err(|e| e.to_string())?;
+    println!("privcomm client: {messages} messages A → B, µs per message (store in {})", dir.display());
+    println!("{:<34} {:>9} {:>9}", "", "p50", "p99");
+    let rows = [
+        ("raw libsignal encrypt (in memory)", &figures.raw_encrypt, None),
+        ("client encrypt + persist", &figures.store_encrypt, Some(&figures.raw_encrypt)),
+        ("raw libsignal decrypt (in memory)", &figures.raw_decrypt, None),
+        ("client decrypt + persist", &figures.store_decrypt, Some(&figures.raw_decrypt)),
+    ];
+    for (name, values, raw) in rows {
+        let (p50, p99) = (quantile(values, 0.5), quantile(values, 0.99));
+        let ratio =
+            raw.map(|raw| format!("   {:.2}× / {:.2}× raw", p50 / quantile(raw, 0.5), p99 / quantile(raw, 0.99)));
+        println!("{name:<34} {p50:>9.1} {p99:>9.1}{}", ratio.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let command = match cli.command {
+        Command::Bench { messages, dir } => return bench(messages, &dir),
+        command => command,
+    };
+    let key = store_key(&cli.store)?;
+    let (sent_tx, sent) = std::sync::mpsc::channel();
+    let (state_tx, states) = std::sync::mpsc::channel();
+    let listener: Arc<dyn ClientListener> = Arc::new(Printer { sent: sent_tx, connected: state_tx });
+    let config =
+        ClientConfig { store_path: cli.store.display().to_string(), store_key: key, server_url: cli.server.clone() };
+    let client = Client::new(config, listener).map_err(|e| e.to_string())?;
+    let online = || -> Result<(), String> {
+        client.connect().map_err(|e| e.to_string())?;
+        loop {
+            match states.recv_timeout(std::time::Duration::from_secs(120)) {
+                Ok(ConnectionState::Connected) => return Ok(()),
+                Ok(ConnectionState::Error) => return Err(format!("cannot connect to {}", cli.server)),
+                Ok(_) => {}
+                Err(_) => return Err(format!("no connection to {} after 2 minutes", cli.server)),
+            }
+        }
+    };
+    match command {
+        Command::Register { phone } => {
+            let user = client.register(phone).map_err(|e| e.to_string())?;
+            println!("{user}");
+            eprintln!("registered; share this user id with your contacts");
+        }
+        Command::Whoami => match client.user_id().map_err(|e| e.to_string())? {
+            Some(user) => println!("{user}"),
+            None => return Err("not registered yet: run `privcomm-chat register <phone>`".into()),
+        },
+        Command::SafetyNumber { contact } => {
+            println!("{}", group(&client.safety_number(contact).map_err(|e| e.to_string())?));
+        }
+        Command::Send { to, text } => {
+            online()?;
+            let id = client.send_text(to, text).map_err(|e| e.to_string())?;
+            while sent.recv_timeout(std::time::Duration::from_secs(30)).map_err(|_| "not accepted within 30 s")? != id {
+            }
+            eprintln!("sent");
+        }
+        Command::Chat { contact } => {
+            online()?;
+            eprintln!("connected; type a line and press Enter to send it (Ctrl-D to quit)");
+            for line in std::io::stdin().lock().lines() {
+                let line = line.map_err(|e| e.to_string())?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                if let Err(error) = client.send_text(contact.clone(), line) {
+                    eprintln!("not sent: {error}");
+                }
+            }
+        }
+        Command::Listen => {
+            online()?;
+            eprintln!("connected; waiting for messages (Ctrl-C to quit)");
+            loop {
+                std::thread::park();
+            }
+        }
+        Command::History => {
+            for message in client.messages().map_err(|e| e.to_string())? {
+                let arrow = if message.outgoing { "<" } else { ">" };
+                println!("{} {arrow} {}", short(&message.peer), message.text);
+            }
+        }
+        Command::Trust { contact } => {
+            client.trust_identity(contact).map_err(|e| e.to_string())?;
+            eprintln!("trusted; held messages are delivered");
+        }
+        Command::MaintainPrekeys => {
+            let report = client.maintain_prekeys().map_err(|e| e.to_string())?;
+            println!("{report:?}");
+        }
+        Command::Bench { .. } => {}
+    }
+    client.shutdown();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
