@@ -24,6 +24,7 @@ in_both_modes!(
     the_client_backs_off_gives_up_after_ten_attempts_and_sends_its_queue_when_back,
     prekeys_are_refilled_and_a_session_after_exhaustion_uses_the_last_resort_key,
     a_changed_identity_is_reported_and_its_messages_held_until_trusted,
+    a_client_displaced_by_another_connection_of_its_account_stops_instead_of_fighting,
 );
 
 /// A `privcomm serve` process that can be stopped and started again on the same address and data.
@@ -521,6 +522,39 @@ async fn a_changed_identity_is_reported_and_its_messages_held_until_trusted(mode
     assert_eq!(alice.call(move |c| c.safety_number(b)).await?, bob.call(move |c| c.safety_number(a)).await?);
     alice.close().await;
     bob.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn a_client_displaced_by_another_connection_of_its_account_stops_instead_of_fighting(mode: Mode) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let mut first = TestClient::open(&dir, "alice", store_key(13), &server.url()).await?;
+    first.register(&phone("13")).await?;
+    first.connected().await?;
+    // The same account elsewhere: a copy of the store (same keys), connecting too.
+    for suffix in ["", "-wal"] {
+        let from = dir.path.join(format!("alice.db{suffix}"));
+        if from.exists() {
+            std::fs::copy(&from, dir.path.join(format!("elsewhere.db{suffix}")))?;
+        }
+    }
+    let mut second = TestClient::open(&dir, "elsewhere", store_key(13), &server.url()).await?;
+    second.connected().await?;
+    let stopped = first.next(|e| matches!(e, Event::State(ConnectionState::Disconnected, _))).await?;
+    assert!(matches!(&stopped, Event::State(_, detail) if detail.contains("4409")), "{stopped:?}");
+    // It does not reconnect and displace the other in turn.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(first.call(|c| c.state()).await, ConnectionState::Disconnected);
+    assert_eq!(second.call(|c| c.state()).await, ConnectionState::Connected);
+    while let Ok(event) = first.events.try_recv() {
+        assert!(
+            !matches!(event, Event::State(ConnectionState::Connecting | ConnectionState::Connected, _)),
+            "{event:?}"
+        );
+    }
+    first.close().await;
+    second.close().await;
     server.cleanup().await;
     Ok(())
 }

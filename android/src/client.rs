@@ -9,8 +9,12 @@
 //! exponential backoff with jitter (1 s base, ×2, capped at 60 s, each wait
 //! drawn from the upper half of its step); after 10 failed attempts in a row
 //! the state is `Error` until [`Client::connect`] is called again. A
-//! connection that was up and drops is retried at once, from attempt 1. An
-//! incoming message is acked only after it was decrypted and stored.
+//! connection that was up for 10 s or more and drops is retried at once,
+//! from attempt 1; a shorter one counts as a failed attempt, and so does a
+//! refused token (1008, after which the client logs in again). Displaced by
+//! another connection of the same account (4409), the client goes
+//! `Disconnected` and does not fight back. An incoming message is acked only
+//! after it was decrypted and stored.
 
 use crate::core::{ChatMessage, Core, Incoming, OutgoingFrame, PrekeyReport};
 use crate::error::{ClientError, Result};
@@ -123,8 +127,18 @@ struct Runner {
     listener: Arc<dyn ClientListener>,
     pause: Arc<dyn Pause>,
     state: Arc<Mutex<ConnectionState>>,
-    /// The running connection: frames to send, and its stop switch.
-    link: RefCell<Option<(mpsc::UnboundedSender<OutgoingFrame>, watch::Sender<bool>)>>,
+    /// The running connection: what to send, and its stop switch.
+    link: RefCell<Option<(mpsc::UnboundedSender<Outgoing>, watch::Sender<bool>)>>,
+    /// Which connection task may report states (an older one winding down may not).
+    generation: std::cell::Cell<u64>,
+}
+
+/// What the connection task sends.
+enum Outgoing {
+    /// A message.
+    Send(OutgoingFrame),
+    /// An acknowledgement (of a held message decrypted after `trust_identity`).
+    Ack(String),
 }
 
 #[uniffi::export]
@@ -163,8 +177,8 @@ impl Client {
         self.call(move |r| {
             Box::pin(async move {
                 let (message, frame) = r.core.prepare_text(&to, &text).await?;
-                if let Some((frames, _)) = r.link.borrow().as_ref() {
-                    let _ = frames.send(frame);
+                if let Some((outgoing, _)) = r.link.borrow().as_ref() {
+                    let _ = outgoing.send(Outgoing::Send(frame));
                 }
                 Ok(message.id)
             })
@@ -183,7 +197,12 @@ impl Client {
                 let held = r.core.trust_identity(&contact)?;
                 for (id, kind, body) in held {
                     let outcome = r.core.receive(&id, &contact, &kind, &body).await?;
-                    r.handled(&id, outcome);
+                    // Acked now if connected (else the relay delivers it again, a duplicate, acked then).
+                    if r.handled(&id, outcome)
+                        && let Some((outgoing, _)) = r.link.borrow().as_ref()
+                    {
+                        let _ = outgoing.send(Outgoing::Ack(id));
+                    }
                 }
                 Ok(())
             })
@@ -207,7 +226,9 @@ impl Client {
                 let (frames, outgoing) = mpsc::unbounded_channel();
                 let (stop, stopped) = watch::channel(false);
                 *r.link.borrow_mut() = Some((frames, stop));
-                tokio::task::spawn_local(Runner::connection(r.clone(), outgoing, stopped));
+                let generation = r.generation.get() + 1;
+                r.generation.set(generation);
+                tokio::task::spawn_local(Runner::connection(r.clone(), generation, outgoing, stopped));
                 Ok(())
             })
         })
@@ -290,8 +311,14 @@ impl Client {
                         }
                     };
                     let _ = opened_tx.send(Ok(()));
-                    let runner =
-                        Rc::new(Runner { core, listener, pause, state: thread_state, link: RefCell::new(None) });
+                    let runner = Rc::new(Runner {
+                        core,
+                        listener,
+                        pause,
+                        state: thread_state,
+                        link: RefCell::new(None),
+                        generation: std::cell::Cell::new(0),
+                    });
                     while let Some(job) = queue.recv().await {
                         tokio::task::spawn_local(job(runner.clone()));
                     }
@@ -338,13 +365,25 @@ impl Client {
 enum Outcome {
     /// `disconnect()` was called.
     Stopped,
-    /// A connection was up, then ended.
-    Dropped(String),
-    /// No connection was made.
+    /// Another connection of this account took over (4409): do not fight it.
+    Displaced,
+    /// A connection was up for `up`, then ended.
+    Dropped(String, std::time::Duration),
+    /// No connection was made (or the relay refused the token).
     Failed(String),
 }
 
+/// A connection that lasted less than this and dropped counts as a failed
+/// attempt, so a relay that accepts and drops at once is not hammered.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
 impl Runner {
+    fn set_state_of(&self, generation: u64, state: ConnectionState, detail: &str) {
+        if generation == self.generation.get() {
+            self.set_state(state, detail);
+        }
+    }
+
     fn set_state(&self, state: ConnectionState, detail: &str) {
         let changed = {
             let mut current = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -380,44 +419,60 @@ impl Runner {
 
     async fn connection(
         self: Rc<Self>,
-        mut outgoing: mpsc::UnboundedReceiver<OutgoingFrame>,
+        generation: u64,
+        mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut failures = 0u32;
+        let mut detail = String::new();
         loop {
-            self.set_state(ConnectionState::Connecting, "");
-            match self.connect_once(&mut outgoing, &mut stopped).await {
+            self.set_state_of(generation, ConnectionState::Connecting, "");
+            let reason = match self.connect_once(generation, &mut outgoing, &mut stopped).await {
                 Outcome::Stopped => break,
-                Outcome::Dropped(reason) => {
+                Outcome::Displaced => {
+                    detail = "this account connected elsewhere (4409); call connect() to take over".into();
+                    break;
+                }
+                Outcome::Dropped(reason, up) if up >= STABLE_AFTER => {
                     tracing::info!(%reason, "connection ended; reconnecting");
                     failures = 0;
                     continue;
                 }
-                Outcome::Failed(reason) => {
-                    failures += 1;
-                    if failures >= MAX_ATTEMPTS {
-                        self.link.borrow_mut().take();
-                        self.set_state(ConnectionState::Error, &format!("gave up after {failures} attempts: {reason}"));
-                        return;
-                    }
-                    let delay = backoff_delay(failures, rand::random::<f64>());
-                    self.set_state(
-                        ConnectionState::Connecting,
-                        &format!("attempt {failures} failed ({reason}); next in {delay:?}"),
-                    );
-                    tokio::select! {
-                        () = self.pause.pause(failures, delay) => {}
-                        _ = stopped.wait_for(|s| *s) => break,
-                    }
+                Outcome::Dropped(reason, _) | Outcome::Failed(reason) => reason,
+            };
+            failures += 1;
+            if failures >= MAX_ATTEMPTS {
+                if generation == self.generation.get() {
+                    self.link.borrow_mut().take();
                 }
+                self.set_state_of(
+                    generation,
+                    ConnectionState::Error,
+                    &format!("gave up after {failures} attempts: {reason}"),
+                );
+                return;
+            }
+            let delay = backoff_delay(failures, rand::random::<f64>());
+            self.set_state_of(
+                generation,
+                ConnectionState::Connecting,
+                &format!("attempt {failures} failed ({reason}); next in {delay:?}"),
+            );
+            tokio::select! {
+                () = self.pause.pause(failures, delay) => {}
+                _ = stopped.wait_for(|s| *s) => break,
             }
         }
-        self.set_state(ConnectionState::Disconnected, "");
+        if generation == self.generation.get() {
+            self.link.borrow_mut().take();
+        }
+        self.set_state_of(generation, ConnectionState::Disconnected, &detail);
     }
 
     async fn connect_once(
         &self,
-        outgoing: &mut mpsc::UnboundedReceiver<OutgoingFrame>,
+        generation: u64,
+        outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
         stopped: &mut watch::Receiver<bool>,
     ) -> Outcome {
         if *stopped.borrow() {
@@ -443,11 +498,12 @@ impl Runner {
             _ = stopped.wait_for(|s| *s) => return Outcome::Stopped,
         };
         let (mut sink, mut stream) = socket.split();
-        self.set_state(ConnectionState::Connected, "");
+        let since = std::time::Instant::now();
+        self.set_state_of(generation, ConnectionState::Connected, "");
         // What was queued while offline (the relay de-duplicates by id).
         for frame in self.core.outbox().unwrap_or_default() {
             if sink.send(Message::Text(send_frame(&frame).into())).await.is_err() {
-                return Outcome::Dropped("send failed".into());
+                return Outcome::Dropped("send failed".into(), since.elapsed());
             }
         }
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -458,14 +514,18 @@ impl Runner {
                     let _ = sink.send(Message::Close(None)).await;
                     return Outcome::Stopped;
                 }
-                Some(frame) = outgoing.recv() => {
-                    if sink.send(Message::Text(send_frame(&frame).into())).await.is_err() {
-                        return Outcome::Dropped("send failed".into());
+                Some(next) = outgoing.recv() => {
+                    let text = match next {
+                        Outgoing::Send(frame) => send_frame(&frame),
+                        Outgoing::Ack(id) => ack_frame(&id),
+                    };
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        return Outcome::Dropped("send failed".into(), since.elapsed());
                     }
                 }
                 _ = ping.tick() => {
                     if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
-                        return Outcome::Dropped("ping failed".into());
+                        return Outcome::Dropped("ping failed".into(), since.elapsed());
                     }
                 }
                 message = stream.next() => match message {
@@ -474,20 +534,24 @@ impl Runner {
                         if let Some(ack) = self.on_frame(&frame).await
                             && sink.send(Message::Text(ack.into())).await.is_err()
                         {
-                            return Outcome::Dropped("ack failed".into());
+                            return Outcome::Dropped("ack failed".into(), since.elapsed());
                         }
                     }
                     Some(Ok(Message::Close(close))) => {
                         let code = close.as_ref().map_or(1005, |c| u16::from(c.code));
-                        if code == 1008 {
-                            // The token was refused: log in again on the next attempt.
-                            self.core.forget_token();
+                        match code {
+                            4409 => return Outcome::Displaced,
+                            1008 => {
+                                // The token was refused: log in again on the next attempt.
+                                self.core.forget_token();
+                                return Outcome::Failed("the relay refused the login token (1008)".into());
+                            }
+                            _ => return Outcome::Dropped(format!("closed by the relay ({code})"), since.elapsed()),
                         }
-                        return Outcome::Dropped(format!("closed by the relay ({code})"));
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(error)) => return Outcome::Dropped(error.to_string()),
-                    None => return Outcome::Dropped("the relay went away".into()),
+                    Some(Err(error)) => return Outcome::Dropped(error.to_string(), since.elapsed()),
+                    None => return Outcome::Dropped("the relay went away".into(), since.elapsed()),
                 },
             }
         }

@@ -65,6 +65,11 @@ impl From<libsignal_protocol::SignalProtocolError> for ClientError {
             libsignal_protocol::SignalProtocolError::UntrustedIdentity(address) => {
                 ClientError::UntrustedIdentity(address.name().to_owned())
             }
+            // Our store failed under libsignal (see `signal::storage_error`):
+            // a local failure, not a bad message.
+            libsignal_protocol::SignalProtocolError::InvalidState(crate::signal::STORE_FAILURE, detail) => {
+                ClientError::Store(detail)
+            }
             other => ClientError::Protocol(other.to_string()),
         }
     }

@@ -20,8 +20,11 @@ use libsignal_protocol::{
 
 type SignalResult<T> = std::result::Result<T, SignalProtocolError>;
 
+/// How a store failure travels through libsignal (and is told apart from a bad message).
+pub(crate) const STORE_FAILURE: &str = "client store";
+
 fn storage_error(error: ClientError) -> SignalProtocolError {
-    SignalProtocolError::InvalidState("client store", error.to_string())
+    SignalProtocolError::InvalidState(STORE_FAILURE, error.to_string())
 }
 
 /// Meta ids.

@@ -134,6 +134,14 @@ impl Store {
     /// A wrong key fails with [`ClientError::WrongStoreKey`] before any write.
     pub fn open(path: &Path, store_key: &[u8]) -> Result<Store> {
         let keys = Keys::derive(store_key)?;
+        if !path.exists() {
+            // Readable by this user only (the values are sealed; the sizes and counts are not).
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            options.open(path).map_err(|e| ClientError::Store(format!("creating {}: {e}", path.display())))?;
+        }
         let db = Connection::open(path)?;
         // WAL + NORMAL: a crash of the app loses nothing committed; a power
         // loss may lose the last transactions, never corrupts (SQLite's own
@@ -381,6 +389,12 @@ mod tests {
         let store = Store::open(&path, &[1u8; 32])?;
         assert_eq!(store.get(Kind::Identity, b"bob")?.as_deref(), Some(&b"bob's key"[..]));
         assert!(!before.is_empty());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).map_err(|e| ClientError::Store(e.to_string()))?.permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the store is readable by others");
+        }
         let _ = std::fs::remove_file(&path);
         Ok(())
     }
