@@ -192,6 +192,7 @@ pub fn build_app(
         return http;
     }
     let hub = Arc::new(Hub::default());
+    state.metrics.add_source(Arc::new(RelayConnections(hub.clone())));
     let roster = Arc::new(Roster::new(uuid::Uuid::now_v7(), relay_settings.presence.lease));
     tokio::spawn(privcomm_relay::presence::ring_doorbells(bus, hub.clone(), stop_connections.clone()));
     if let Some(presence) = &presence {
@@ -216,6 +217,19 @@ pub fn build_app(
         pusher: Arc::new(Pusher::new(push, relay_settings.push_coalesce)),
     };
     http.merge(privcomm_relay::router(relay))
+}
+
+/// `privcomm_relay_connections` on `/metrics`.
+struct RelayConnections(Arc<Hub>);
+
+impl privcomm_api::metrics::MetricsSource for RelayConnections {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ =
+            writeln!(out, "# HELP privcomm_relay_connections WebSocket connections on this process (one per user).");
+        let _ = writeln!(out, "# TYPE privcomm_relay_connections gauge");
+        let _ = writeln!(out, "privcomm_relay_connections {}", self.0.len());
+    }
 }
 
 /// The advisory lock of the projection workers (the outbox's, plus one).

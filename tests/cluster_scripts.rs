@@ -170,6 +170,9 @@ async fn exercise(cluster: &mut Cluster) -> TestResult {
     assert!(metrics.contains("privcomm_projection"), "{metrics}");
     let (_, relay_metrics) = get(&format!("{}/metrics", http_base("relay-1")?)).await?;
     assert!(!relay_metrics.contains("privcomm_projection_lag"), "a relay process reports projection lag");
+    assert!(relay_metrics.contains("\nprivcomm_relay_connections 1\n"), "{relay_metrics}");
+    let (_, api_metrics) = get(&format!("{api}/metrics")).await?;
+    assert!(!api_metrics.contains("privcomm_relay_connections"), "the api process reports relay connections");
 
     // cluster-down: every process gone.
     let down = cluster.run("cluster-down")?;
