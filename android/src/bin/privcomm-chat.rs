@@ -181,7 +181,13 @@ fn run(cli: Cli) -> Result<(), String> {
         client.connect().map_err(|e| e.to_string())?;
         loop {
             match states.recv_timeout(std::time::Duration::from_secs(120)) {
-                Ok(ConnectionState::Connected) => return Ok(()),
+                Ok(ConnectionState::Connected) => {
+                    // What the app does after connecting: keep one-time keys stocked.
+                    if let Err(error) = client.maintain_prekeys() {
+                        eprintln!("prekey maintenance failed (messages still flow): {error}");
+                    }
+                    return Ok(());
+                }
                 Ok(ConnectionState::Error) => return Err(format!("cannot connect to {}", cli.server)),
                 Ok(_) => {}
                 Err(_) => return Err(format!("no connection to {} after 2 minutes", cli.server)),
