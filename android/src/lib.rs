@@ -6,8 +6,8 @@
 //! local SQLite store ([`store`]), and talks to the API and the relay with
 //! reconnect and backoff ([`client`]). Encryption happens here and only here:
 //! the server sees ciphertext. This crate does not depend on server-only code
-//! (sqlx, async-nats, axum); `cargo tree -p privcomm-client` shows it, and a
-//! test checks it.
+//! (sqlx, async-nats, axum); `cargo tree -p privcomm-client` shows it, and
+//! `scripts/test` checks it.
 //!
 //! The exported surface (uniffi, for Kotlin): [`Client`] (an object with
 //! blocking, thread-safe methods), [`ClientConfig`], [`ChatMessage`],
