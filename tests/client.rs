@@ -25,6 +25,7 @@ in_both_modes!(
     prekeys_are_refilled_and_a_session_after_exhaustion_uses_the_last_resort_key,
     a_changed_identity_is_reported_and_its_messages_held_until_trusted,
     a_client_displaced_by_another_connection_of_its_account_stops_instead_of_fighting,
+    a_registration_whose_answer_was_lost_is_finished_by_the_next_attempt,
 );
 
 /// A `privcomm serve` process that can be stopped and started again on the same address and data.
@@ -555,6 +556,92 @@ async fn a_client_displaced_by_another_connection_of_its_account_stops_instead_o
     }
     first.close().await;
     second.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+/// A proxy to `upstream` that forwards the first request it receives and
+/// then closes the client's connection without the answer; later
+/// connections pass through whole.
+async fn answer_losing_proxy(upstream: SocketAddr) -> Result<SocketAddr, Error> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+            if std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    // Read the request, pass it on, wait for the answer to start, then hang up on the client.
+                    let mut buffer = vec![0u8; 1 << 20];
+                    let mut request = Vec::new();
+                    while let Ok(n) = client.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        request.extend_from_slice(&buffer[..n]);
+                        if let Some(head) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let text = String::from_utf8_lossy(&request[..head]).to_lowercase();
+                            let length = text
+                                .lines()
+                                .find_map(|l| {
+                                    l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            if request.len() >= head + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = server.write_all(&request).await;
+                    let _ = server.read(&mut buffer).await;
+                    drop(client);
+                });
+            } else {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        }
+    });
+    Ok(address)
+}
+
+async fn a_registration_whose_answer_was_lost_is_finished_by_the_next_attempt(mode: Mode) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let proxy = answer_losing_proxy(server.address).await?;
+    let number = phone("14");
+    let alice = TestClient::open(&dir, "alice", store_key(14), &format!("http://{proxy}")).await?;
+    let lost = alice.register(&number).await;
+    assert!(matches!(lost, Err(ClientError::Network(_))), "{lost:?}");
+    assert_eq!(alice.call(|c| c.user_id()).await?, None);
+    // The server did register it; the next attempt (same keys) finishes it.
+    let user = alice.register(&number).await?;
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(number.as_bytes()));
+    assert_eq!(user, privcomm_client::core::user_id_of(&hash));
+    let derived = privcomm_domain::ids::PhoneHash::new(hash).map_err(|e| format!("{e:?}"))?;
+    assert_eq!(
+        user,
+        privcomm_api::users::user_id_for(&derived).0.to_string(),
+        "the client derives ids as the server does"
+    );
+    // The account works: a message from bob reaches it.
+    let mut alice = alice;
+    alice.connected().await?;
+    let mut bob = TestClient::open(&dir, "bob", store_key(15), &server.url()).await?;
+    bob.register(&phone("15")).await?;
+    bob.connected().await?;
+    bob.send(&user, "registered after all").await?;
+    assert_eq!(alice.receive(1).await?[0].text, "registered after all");
+    // Someone else's number: the conflict is reported, not taken over.
+    let carol = TestClient::open(&dir, "carol", store_key(16), &server.url()).await?;
+    let taken = carol.register(&number).await;
+    assert!(matches!(taken, Err(ClientError::Server { status: 409, .. })), "{taken:?}");
+    alice.close().await;
+    bob.close().await;
+    carol.close().await;
     server.cleanup().await;
     Ok(())
 }

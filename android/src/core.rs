@@ -161,17 +161,44 @@ impl Core {
         if phone.is_empty() || phone.len() > 32 {
             return Err(invalid("phone", "1 to 32 characters"));
         }
+        let phone_hash = hex::encode(sha2::Sha256::digest(phone.as_bytes()));
         let _guard = self.crypto.lock().await;
-        self.store
-            .transaction_async(async {
-                let phone_hash = hex::encode(sha2::Sha256::digest(phone.as_bytes()));
+        // The keys are committed before the request: if its answer is lost,
+        // the next attempt sends the same keys and can finish the registration.
+        let pending: Option<Value> = self
+            .store
+            .get(Kind::Meta, meta::PENDING_REGISTRATION.as_bytes())?
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .filter(|body: &Value| body["phone_hash"] == phone_hash.as_str());
+        let body = match pending {
+            Some(body) => body,
+            None => self.store.transaction(|| {
                 self.store.put(Kind::Meta, meta::PHONE_HASH.as_bytes(), phone_hash.as_bytes())?;
                 let body = self.new_identity(&phone_hash)?;
-                let user = self.api.register(&body).await?;
-                self.store.put(Kind::Meta, meta::USER_ID.as_bytes(), user.as_bytes())?;
-                Ok(user)
-            })
-            .await
+                self.store.put(Kind::Meta, meta::PENDING_REGISTRATION.as_bytes(), &to_json(&body)?)?;
+                Ok(body)
+            })?,
+        };
+        let user = match self.api.register(&body).await {
+            Ok(user) => user,
+            Err(ClientError::Server { status: 409, message }) => {
+                // Already registered: by an earlier attempt of ours whose answer
+                // was lost (then the server holds our identity and we can log
+                // in), or by someone else.
+                let user = user_id_of(&phone_hash);
+                let identity = self.stores.identities.own()?.ok_or(ClientError::NotRegistered)?;
+                if self.fetch_token(&user, &identity).await.is_err() {
+                    return Err(ClientError::Server { status: 409, message });
+                }
+                user
+            }
+            Err(other) => return Err(other),
+        };
+        self.store.transaction(|| {
+            self.store.put(Kind::Meta, meta::USER_ID.as_bytes(), user.as_bytes())?;
+            self.store.remove(Kind::Meta, meta::PENDING_REGISTRATION.as_bytes())
+        })?;
+        Ok(user)
     }
 
     /// Stores a new identity, registration id, signed prekey, Kyber
@@ -266,10 +293,15 @@ impl Core {
             return Ok(token);
         }
         let (user, identity) = self.registered()?;
-        let nonce = self.api.challenge(&user).await?;
+        self.fetch_token(&user, &identity).await
+    }
+
+    /// Challenge, signature, token for `user` with `identity`; cached.
+    async fn fetch_token(&self, user: &str, identity: &IdentityKeyPair) -> Result<String> {
+        let nonce = self.api.challenge(user).await?;
         let signature =
             identity.private_key().calculate_signature(nonce.as_bytes(), &mut rand::rng()).map_err(protocol)?;
-        let (token, lifetime_s) = self.api.token(&user, &nonce, &STANDARD.encode(signature)).await?;
+        let (token, lifetime_s) = self.api.token(user, &nonce, &STANDARD.encode(signature)).await?;
         *self.token.borrow_mut() = Some((token.clone(), now_ms() + lifetime_s * 1000));
         Ok(token)
     }
@@ -564,6 +596,13 @@ impl Core {
         }
         Ok(report)
     }
+}
+
+/// The user id the server derives from a phone hash (UUIDv5 in privcomm's
+/// namespace; ADR 0005 and `privcomm_api::users::user_id_for`).
+pub fn user_id_of(phone_hash: &str) -> String {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x7072_6976_636f_6d6d_2d75_7365_7273_0001);
+    uuid::Uuid::new_v5(&NAMESPACE, phone_hash.as_bytes()).to_string()
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {

@@ -33,6 +33,7 @@ pub(crate) mod meta {
     pub const REGISTRATION_ID: &str = "registration_id";
     pub const USER_ID: &str = "user_id";
     pub const PHONE_HASH: &str = "phone_hash";
+    pub const PENDING_REGISTRATION: &str = "pending_registration";
     pub const NEXT_PREKEY_ID: &str = "next_prekey_id";
     pub const NEXT_KYBER_ID: &str = "next_kyber_id";
     pub const SIGNED_PREKEY_ID: &str = "signed_prekey_id";
