@@ -394,13 +394,12 @@ impl Core {
             text: text.to_owned(),
             sent_at_ms: now_ms(),
         };
-        let content = serde_json::to_vec(&Content {
+        let content = to_json(&Content {
             v: 1,
             kind: "text".into(),
             text: message.text.clone(),
             sent_at_ms: message.sent_at_ms,
-        })
-        .map_err(|e| ClientError::Store(e.to_string()))?;
+        })?;
         let _guard = self.crypto.lock().await;
         let mut stores = self.stores.clone();
         let frame = self

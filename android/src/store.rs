@@ -313,23 +313,23 @@ impl Store {
 
     /// Runs `work` in one transaction: all of its writes land, or none.
     pub fn transaction<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.inner.db.borrow().execute_batch("BEGIN IMMEDIATE")?;
-        match work() {
-            Ok(value) => {
-                self.inner.db.borrow().execute_batch("COMMIT")?;
-                Ok(value)
-            }
-            Err(error) => {
-                let _ = self.inner.db.borrow().execute_batch("ROLLBACK");
-                Err(error)
-            }
-        }
+        self.begin()?;
+        self.end(work())
     }
 
     /// Async form of [`Store::transaction`] for libsignal's store calls.
     pub async fn transaction_async<T, F: std::future::Future<Output = Result<T>>>(&self, work: F) -> Result<T> {
-        self.inner.db.borrow().execute_batch("BEGIN IMMEDIATE")?;
-        match work.await {
+        self.begin()?;
+        self.end(work.await)
+    }
+
+    fn begin(&self) -> Result<()> {
+        Ok(self.inner.db.borrow().execute_batch("BEGIN IMMEDIATE")?)
+    }
+
+    /// Commits after `result` succeeded, rolls back after it failed.
+    fn end<T>(&self, result: Result<T>) -> Result<T> {
+        match result {
             Ok(value) => {
                 self.inner.db.borrow().execute_batch("COMMIT")?;
                 Ok(value)
