@@ -226,11 +226,15 @@ impl MigrationDb {
             .collect())
     }
 
-    /// Whether the event log holds any event (false without the table).
+    /// Whether the event log holds any event. Asked only while 0001 is
+    /// applied, so a failing query is an error, never "empty": the answer
+    /// guards the log against being dropped.
     async fn holds_events(&self) -> anyhow::Result<bool> {
         let Some(db) = &self.db else { return Ok(false) };
         let sql = "SELECT EXISTS (SELECT 1 FROM events)";
-        Ok(on_db!(db, pool => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(false)))
+        let holds: bool = on_db!(db, pool => sqlx::query_scalar(sql).fetch_one(pool).await)
+            .context("checking whether the event log holds events")?;
+        Ok(holds)
     }
 
     fn pool(&self) -> anyhow::Result<&ReadDb> {
