@@ -19,7 +19,7 @@
 use crate::core::{ChatMessage, Core, Incoming, OutgoingFrame, PrekeyReport};
 use crate::error::{ClientError, Result};
 use futures::future::LocalBoxFuture;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::pin::Pin;
@@ -38,6 +38,8 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// How often a connected client pings the relay.
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// At most this many incoming messages share one store commit.
+const BURST: usize = 256;
 
 /// The step of the wait after `failures` failed attempts: 1 s, 2 s, 4 s, … 60 s.
 pub fn backoff_step(failures: u32) -> Duration {
@@ -177,6 +179,8 @@ impl Client {
         self.call(move |r| {
             Box::pin(async move {
                 let (message, frame) = r.core.prepare_text(&to, &text).await?;
+                // Stored before it leaves (calls made meanwhile share the commit).
+                r.core.durable().await?;
                 if let Some((outgoing, _)) = r.link.borrow().as_ref() {
                     let _ = outgoing.send(Outgoing::Send(frame));
                 }
@@ -195,8 +199,12 @@ impl Client {
         self.call(move |r| {
             Box::pin(async move {
                 let held = r.core.trust_identity(&contact)?;
+                let mut outcomes = Vec::with_capacity(held.len());
                 for (id, kind, body) in held {
-                    let outcome = r.core.receive(&id, &contact, &kind, &body).await?;
+                    outcomes.push((r.core.receive_held(&id, &contact, &kind, &body).await?, id));
+                }
+                r.core.durable().await?;
+                for (outcome, id) in outcomes {
                     // Acked now if connected (else the relay delivers it again, a duplicate, acked then).
                     if r.handled(&id, outcome)
                         && let Some((outgoing, _)) = r.link.borrow().as_ref()
@@ -497,11 +505,19 @@ impl Runner {
             },
             _ = stopped.wait_for(|s| *s) => return Outcome::Stopped,
         };
-        let (mut sink, mut stream) = socket.split();
+        let (mut sink, stream) = socket.split();
+        let mut stream = stream.peekable();
         let since = std::time::Instant::now();
         self.set_state_of(generation, ConnectionState::Connected, "");
         // What was queued while offline (the relay de-duplicates by id).
-        for frame in self.core.outbox().unwrap_or_default() {
+        let queued = match self.core.outbox().await {
+            Ok(frames) => frames,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        for frame in queued {
             if sink.send(Message::Text(send_frame(&frame).into())).await.is_err() {
                 return Outcome::Dropped("send failed".into(), since.elapsed());
             }
@@ -530,11 +546,42 @@ impl Runner {
                 }
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
-                        let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
-                        if let Some(ack) = self.on_frame(&frame).await
-                            && sink.send(Message::Text(ack.into())).await.is_err()
-                        {
-                            return Outcome::Dropped("ack failed".into(), since.elapsed());
+                        // The frames already here form a burst: decrypted and
+                        // staged one by one, made durable in one commit, then
+                        // shown and acked.
+                        let mut received = Vec::new();
+                        let mut next = Some(text);
+                        while let Some(text) = next.take() {
+                            if let Ok(frame) = serde_json::from_str::<Value>(text.as_str())
+                                && let Some(outcome) = self.on_frame(&frame).await
+                            {
+                                received.push(outcome);
+                            }
+                            let text_waits = matches!(
+                                Pin::new(&mut stream).peek().now_or_never(),
+                                Some(Some(Ok(Message::Text(_))))
+                            );
+                            if text_waits
+                                && received.len() < BURST
+                                && let Some(Some(Ok(Message::Text(text)))) = stream.next().now_or_never()
+                            {
+                                next = Some(text);
+                            }
+                        }
+                        if received.is_empty() {
+                            continue;
+                        }
+                        if let Err(error) = self.core.durable().await {
+                            // Not stored, so neither shown nor acked: the relay delivers them again.
+                            tracing::warn!(%error, "cannot store incoming messages");
+                            continue;
+                        }
+                        for (id, outcome) in received {
+                            if self.handled(&id, outcome)
+                                && sink.send(Message::Text(ack_frame(&id).into())).await.is_err()
+                            {
+                                return Outcome::Dropped("ack failed".into(), since.elapsed());
+                            }
                         }
                     }
                     Some(Ok(Message::Close(close))) => {
@@ -557,14 +604,19 @@ impl Runner {
         }
     }
 
-    /// Handles a relay frame; returns the ack to send, if any.
-    async fn on_frame(&self, frame: &Value) -> Option<String> {
+    /// Handles a relay frame; returns an incoming message's id and what
+    /// became of it (staged: to show and ack once durable).
+    async fn on_frame(&self, frame: &Value) -> Option<(String, Incoming)> {
         let text = |field: &str| frame[field].as_str().unwrap_or_default().to_owned();
         match frame["type"].as_str() {
             Some("message") => {
                 let id = text("id");
-                match self.core.receive(&id, &text("from"), &text("kind"), &text("body")).await {
-                    Ok(outcome) => self.handled(&id, outcome).then(|| ack_frame(&id)),
+                let Ok(body) = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text("body")) else {
+                    let reason = "the body is not Base64".to_owned();
+                    return Some((id, Incoming::Undecryptable { from: text("from"), reason }));
+                };
+                match self.core.receive(&id, &text("from"), &text("kind"), &body).await {
+                    Ok(outcome) => Some((id, outcome)),
                     Err(error) => {
                         // A store failure: not stored, so not acked; it comes again.
                         tracing::warn!(%error, "cannot store an incoming message");
@@ -574,14 +626,14 @@ impl Runner {
             }
             Some("sent") => {
                 let id = text("id");
-                if self.core.mark_sent(&id).is_ok() {
+                if self.core.mark_sent(&id).await.is_ok() {
                     self.listener.on_sent(id);
                 }
                 None
             }
             Some("error") => {
                 let (reference, message) = (text("ref"), text("message"));
-                if !reference.is_empty() && self.core.mark_sent(&reference).is_ok() {
+                if !reference.is_empty() && self.core.mark_sent(&reference).await.is_ok() {
                     self.listener.on_send_failed(reference, format!("{}: {message}", text("code")));
                 }
                 None
@@ -592,8 +644,8 @@ impl Runner {
 }
 
 fn send_frame(frame: &OutgoingFrame) -> String {
-    json!({ "v": 1, "type": "send", "id": frame.id, "to": frame.to, "kind": frame.kind, "body": frame.body })
-        .to_string()
+    let body = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &frame.body);
+    json!({ "v": 1, "type": "send", "id": frame.id, "to": frame.to, "kind": frame.kind, "body": body }).to_string()
 }
 
 fn ack_frame(id: &str) -> String {

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use libsignal_protocol::{
     CiphertextMessage, DeviceId, Fingerprint, IdentityKey, IdentityKeyPair, KyberPreKeyId, PreKeyBundle, PreKeyId,
-    PreKeySignalMessage, ProtocolAddress, PublicKey, SessionStore as _, SignalMessage, SignedPreKeyId, kem,
+    PreKeySignalMessage, ProtocolAddress, PublicKey, SignalMessage, SignalProtocolError, SignedPreKeyId, kem,
     message_decrypt, message_encrypt, process_prekey_bundle,
 };
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,53 @@ pub struct ChatMessage {
     pub text: String,
     /// When the sender sent it (ms since the epoch, the sender's clock).
     pub sent_at_ms: u64,
+}
+
+/// The first byte of a message-log entry in binary form (JSON ones, written
+/// by earlier versions or for ids that are not UUIDs, start with `{`).
+const ENTRY_V1: u8 = 1;
+
+impl ChatMessage {
+    /// As the message log keeps it: `1`, id and peer as 16-byte UUIDs,
+    /// direction, send time (u64 ms, big-endian), the text; JSON for an id
+    /// that is not a UUID in its usual spelling.
+    fn encode(&self) -> Result<Vec<u8>> {
+        // Only the usual spelling (36 characters, lower case) comes back the same.
+        let uuid = |text: &str| {
+            uuid::Uuid::parse_str(text)
+                .ok()
+                .filter(|_| text.len() == 36 && !text.bytes().any(|b| b.is_ascii_uppercase()))
+        };
+        let (Some(id), Some(peer)) = (uuid(&self.id), uuid(&self.peer)) else {
+            return to_json(self);
+        };
+        let mut out = Vec::with_capacity(42 + self.text.len());
+        out.push(ENTRY_V1);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(peer.as_bytes());
+        out.push(u8::from(self.outgoing));
+        out.extend_from_slice(&self.sent_at_ms.to_be_bytes());
+        out.extend_from_slice(self.text.as_bytes());
+        Ok(out)
+    }
+
+    fn decode(entry: &[u8]) -> Result<ChatMessage> {
+        let corrupt = || ClientError::Corrupt("a message-log entry".into());
+        if entry.first() != Some(&ENTRY_V1) {
+            return serde_json::from_slice(entry).map_err(|_| corrupt());
+        }
+        if entry.len() < 42 {
+            return Err(corrupt());
+        }
+        let uuid = |bytes: &[u8]| uuid::Uuid::from_slice(bytes).map(|u| u.to_string()).map_err(|_| corrupt());
+        Ok(ChatMessage {
+            id: uuid(&entry[1..17])?,
+            peer: uuid(&entry[17..33])?,
+            outgoing: entry[33] != 0,
+            sent_at_ms: u64::from_be_bytes(entry[34..42].try_into().expect("8 bytes")),
+            text: String::from_utf8(entry[42..].to_vec()).map_err(|_| corrupt())?,
+        })
+    }
 }
 
 /// What `maintain_prekeys` did.
@@ -79,7 +126,7 @@ pub enum Incoming {
 }
 
 /// The body of a relay `send` frame.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct OutgoingFrame {
     /// Message id.
     pub id: String,
@@ -87,16 +134,17 @@ pub struct OutgoingFrame {
     pub to: String,
     /// `prekey` or `whisper`.
     pub kind: String,
-    /// Base64 ciphertext.
-    pub body: String,
+    /// The ciphertext (Base64 in the frame).
+    pub body: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct Content {
+struct Content<'a> {
     v: u32,
-    #[serde(rename = "type")]
-    kind: String,
-    text: String,
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    text: std::borrow::Cow<'a, str>,
     sent_at_ms: u64,
 }
 
@@ -116,8 +164,10 @@ pub struct Core {
     stores: Stores,
     pub(crate) api: Api,
     token: RefCell<Option<(String, u64)>>,
-    /// Serialises libsignal operations (each is one store transaction).
+    /// Serialises libsignal operations (each is one store operation).
     crypto: tokio::sync::Mutex<()>,
+    /// Log numbers of the messages in the store's outbox, by message id.
+    unsent: RefCell<std::collections::HashMap<String, i64>>,
 }
 
 fn address(user: &str) -> ProtocolAddress {
@@ -137,7 +187,51 @@ impl Core {
     pub fn open(path: &std::path::Path, store_key: &[u8], server_url: &str) -> Result<Core> {
         let store = Store::open(path, store_key)?;
         let stores = Stores::new(&store);
-        Ok(Core { stores, store, api: Api::new(server_url)?, token: RefCell::new(None), crypto: Default::default() })
+        let core = Core {
+            stores,
+            store,
+            api: Api::new(server_url)?,
+            token: RefCell::new(None),
+            crypto: Default::default(),
+            unsent: Default::default(),
+        };
+        core.move_old_outbox()?;
+        for (seq, message) in core.unsent_messages()? {
+            core.unsent.borrow_mut().insert(message.id, seq);
+        }
+        Ok(core)
+    }
+
+    /// An earlier version kept the outbox as records of whole frames; the
+    /// outbox now lists the log entries of the messages to send.
+    fn move_old_outbox(&self) -> Result<()> {
+        #[derive(Deserialize)]
+        struct OldFrame {
+            id: String,
+        }
+        let old = self.store.all(Kind::Outbox)?;
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for value in old {
+            let old: OldFrame =
+                serde_json::from_slice(&value).map_err(|_| ClientError::Corrupt("an outbox record".into()))?;
+            ids.insert(old.id);
+        }
+        let mut seqs = Vec::new();
+        for (seq, entry) in self.store.messages_numbered()? {
+            let message = ChatMessage::decode(&entry)?;
+            if message.outgoing && ids.contains(&message.id) {
+                seqs.push(seq);
+            }
+        }
+        self.store.transaction(|| {
+            for seq in &seqs {
+                self.store.queue(*seq)?;
+            }
+            self.store.remove_all(Kind::Outbox)
+        })
     }
 
     /// The account's user id, once registered.
@@ -343,16 +437,22 @@ impl Core {
         if text.len() > 64 * 1024 {
             return Err(invalid("text", "at most 64 KiB"));
         }
-        if self.stores.identities.pending(&to)?.is_some() {
-            return Err(ClientError::UntrustedIdentity(to));
-        }
-        let remote = address(&to);
-        if self.stores.sessions.load_session(&remote).await?.is_none() {
-            let token = self.token().await?;
-            let bundle = parse_bundle(&self.api.bundle(&token, &to).await?)?;
-            self.start_session(&to, &bundle).await?;
-        }
+        self.ensure_session(&to).await?;
         self.encrypt_text(&to, text).await
+    }
+
+    /// A session with `to` to encrypt on: refused while their identity
+    /// change waits for the user; set up from a fetched bundle if there is none.
+    async fn ensure_session(&self, to: &str) -> Result<()> {
+        if self.stores.identities.pending(to)?.is_some() {
+            return Err(ClientError::UntrustedIdentity(to.to_owned()));
+        }
+        if !self.store.has_session(to)? {
+            let token = self.token().await?;
+            let bundle = parse_bundle(&self.api.bundle(&token, to).await?)?;
+            self.start_session(to, &bundle).await?;
+        }
+        Ok(())
     }
 
     /// Sets up a session with `to` from their `bundle` (libsignal checks
@@ -384,93 +484,145 @@ impl Core {
     }
 
     /// Encrypts `text` on the session with `to`, logs it and queues it, in
-    /// one store transaction; returns the frame to send.
+    /// one staged store operation; returns the frame to send once
+    /// [`Core::durable`] has written it.
     pub async fn encrypt_text(&self, to: &str, text: &str) -> Result<(ChatMessage, OutgoingFrame)> {
-        let (to, remote) = (to.to_owned(), address(to));
         let message = ChatMessage {
-            id: uuid::Uuid::now_v7().to_string(),
-            peer: to.clone(),
+            id: new_message_id(),
+            peer: to.to_owned(),
             outgoing: true,
             text: text.to_owned(),
             sent_at_ms: now_ms(),
         };
-        let content = to_json(&Content {
-            v: 1,
-            kind: "text".into(),
-            text: message.text.clone(),
-            sent_at_ms: message.sent_at_ms,
-        })?;
         let _guard = self.crypto.lock().await;
-        let mut stores = self.stores.clone();
-        let frame = self
+        let (frame, seq) = self
             .store
-            .transaction_async(async {
-                let ciphertext = message_encrypt(
-                    &content,
-                    &remote,
-                    &mut stores.sessions,
-                    &mut stores.identities,
-                    SystemTime::now(),
-                    &mut rand::rng(),
-                )
-                .await?;
-                let kind = match ciphertext {
-                    CiphertextMessage::PreKeySignalMessage(_) => "prekey",
-                    CiphertextMessage::SignalMessage(_) => "whisper",
-                    _ => return Err(ClientError::Protocol("unexpected ciphertext type".into())),
-                };
-                let frame = OutgoingFrame {
-                    id: message.id.clone(),
-                    to: to.clone(),
-                    kind: kind.into(),
-                    body: STANDARD.encode(ciphertext.serialize()),
-                };
-                self.log(&message)?;
-                self.store.put(Kind::Outbox, message.id.as_bytes(), &to_json(&frame)?)?;
-                Ok(frame)
+            .stage(async {
+                let frame = self.encrypt(&message).await?;
+                // The outbox holds log numbers, not ciphertext: what was not
+                // confirmed `sent` is encrypted again to go out.
+                let seq = self.store.append_message(&message.encode()?)?;
+                self.store.queue(seq)?;
+                Ok((frame, seq))
             })
             .await?;
+        self.unsent.borrow_mut().insert(message.id.clone(), seq);
         Ok((message, frame))
     }
 
-    fn log(&self, message: &ChatMessage) -> Result<()> {
-        self.store.append_message(&to_json(message)?).map(|_| ())
+    /// `message` encrypted on the session with its peer (within an operation).
+    async fn encrypt(&self, message: &ChatMessage) -> Result<OutgoingFrame> {
+        let content = to_json(&Content {
+            v: 1,
+            kind: "text".into(),
+            text: message.text.as_str().into(),
+            sent_at_ms: message.sent_at_ms,
+        })?;
+        let mut stores = self.stores.clone();
+        let ciphertext = message_encrypt(
+            &content,
+            &address(&message.peer),
+            &mut stores.sessions,
+            &mut stores.identities,
+            SystemTime::now(),
+            &mut rand::rng(),
+        )
+        .await?;
+        let kind = match ciphertext {
+            CiphertextMessage::PreKeySignalMessage(_) => "prekey",
+            CiphertextMessage::SignalMessage(_) => "whisper",
+            _ => return Err(ClientError::Protocol("unexpected ciphertext type".into())),
+        };
+        Ok(OutgoingFrame {
+            id: message.id.clone(),
+            to: message.peer.clone(),
+            kind: kind.into(),
+            body: ciphertext.serialize().to_vec(),
+        })
     }
 
-    /// Messages queued and not yet confirmed `sent` by the relay.
-    pub fn outbox(&self) -> Result<Vec<OutgoingFrame>> {
-        let mut frames: Vec<OutgoingFrame> =
-            self.store.all(Kind::Outbox)?.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect();
-        // Ids are UUIDv7: their order is the order they were written.
-        frames.sort_by(|a, b| a.id.cmp(&b.id));
+    fn log(&self, message: &ChatMessage) -> Result<()> {
+        self.store.append_message(&message.encode()?).map(|_| ())
+    }
+
+    /// The messages not confirmed `sent` by the relay, oldest first, with
+    /// their log numbers (read from the store).
+    fn unsent_messages(&self) -> Result<Vec<(i64, ChatMessage)>> {
+        let corrupt = || ClientError::Corrupt("the outbox".into());
+        let mut out = Vec::new();
+        for seq in self.store.queued() {
+            let entry = self.store.message(seq)?.ok_or_else(corrupt)?;
+            out.push((seq, ChatMessage::decode(&entry)?));
+        }
+        Ok(out)
+    }
+
+    /// How many messages wait for the relay's `sent`.
+    pub fn unsent_count(&self) -> Result<usize> {
+        Ok(self.store.queued().len())
+    }
+
+    /// The messages not confirmed `sent`, oldest first, encrypted again to
+    /// go out (same ids: the relay and the recipient de-duplicate). One that
+    /// cannot be encrypted now (its contact's identity changed, say) stays
+    /// queued for the next connection.
+    pub async fn outbox(&self) -> Result<Vec<OutgoingFrame>> {
+        let mut frames = Vec::new();
+        for (_, message) in self.unsent_messages()? {
+            if let Err(error) = self.ensure_session(&message.peer).await {
+                tracing::warn!(message_id = %message.id, %error, "a queued message cannot be sent yet");
+                continue;
+            }
+            let _guard = self.crypto.lock().await;
+            match self.store.stage(self.encrypt(&message)).await {
+                Ok(frame) => frames.push(frame),
+                Err(error) => tracing::warn!(message_id = %message.id, %error, "a queued message cannot be sent yet"),
+            }
+        }
+        self.durable().await?;
         Ok(frames)
     }
 
-    /// The relay accepted message `id`.
-    pub fn mark_sent(&self, id: &str) -> Result<()> {
-        self.store.remove(Kind::Outbox, id.as_bytes())
+    /// The relay accepted (or refused) message `id`: it leaves the outbox.
+    /// Staged: if that is lost in a crash, the message goes out again on the
+    /// next connection and the relay and the recipient de-duplicate it by id.
+    pub async fn mark_sent(&self, id: &str) -> Result<()> {
+        let Some(seq) = self.unsent.borrow().get(id).copied() else {
+            return Ok(());
+        };
+        self.store.stage(async { self.store.dequeue(seq) }).await?;
+        self.unsent.borrow_mut().remove(id);
+        Ok(())
+    }
+
+    /// Writes every staged operation to the store file (group commit: the
+    /// operations staged by other tasks until this one runs again share the
+    /// commit). Nothing leaves the device — a frame sent, a message acked or
+    /// shown — before the operation that produced it is durable.
+    pub async fn durable(&self) -> Result<()> {
+        if !self.store.has_staged() {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+        self.store.flush()
     }
 
     /// The message log, oldest first.
     pub fn messages(&self) -> Result<Vec<ChatMessage>> {
-        self.store
-            .messages()?
-            .iter()
-            .map(|v| serde_json::from_slice(v).map_err(|e| ClientError::Corrupt(e.to_string())))
-            .collect()
+        self.store.messages()?.iter().map(|entry| ChatMessage::decode(entry)).collect()
     }
 
-    /// Decrypts and stores a relay `message` frame's content.
-    pub async fn receive(&self, id: &str, from: &str, kind: &str, body: &str) -> Result<Incoming> {
+    /// Decrypts and stores (staged: see [`Core::durable`]) a relay `message`
+    /// frame's content.
+    pub async fn receive(&self, id: &str, from: &str, kind: &str, bytes: &[u8]) -> Result<Incoming> {
         let from = user_id_checked("from", from)?;
-        let seen = [from.as_bytes(), b"/", id.as_bytes()].concat();
-        if self.store.get(Kind::Seen, &seen)?.is_some() {
+        let seen = self.store.tag(&[from.as_bytes(), b"/", id.as_bytes()]);
+        if self.store.seen(&seen) {
             return Ok(Incoming::Duplicate);
         }
-        let bytes = decode_b64("body", body)?;
         let ciphertext = match kind {
-            "prekey" => PreKeySignalMessage::try_from(bytes.as_slice()).map(CiphertextMessage::PreKeySignalMessage),
-            "whisper" => SignalMessage::try_from(bytes.as_slice()).map(CiphertextMessage::SignalMessage),
+            "prekey" => PreKeySignalMessage::try_from(bytes).map(CiphertextMessage::PreKeySignalMessage),
+            "whisper" => SignalMessage::try_from(bytes).map(CiphertextMessage::SignalMessage),
             other => {
                 return Ok(Incoming::Undecryptable { from, reason: format!("unknown message kind {other:?}") });
             }
@@ -480,7 +632,7 @@ impl Core {
             Err(error) => return Ok(Incoming::Undecryptable { from, reason: error.to_string() }),
         };
         if self.stores.identities.pending(&from)?.is_some() {
-            self.hold(id, &from, kind, body)?;
+            self.hold(id, &from, kind, bytes)?;
             return Ok(Incoming::Held { from });
         }
         let remote = address(&from);
@@ -488,8 +640,8 @@ impl Core {
         let mut stores = self.stores.clone();
         let result = self
             .store
-            .transaction_async(async {
-                let plaintext = message_decrypt(
+            .stage(async {
+                let plaintext = match message_decrypt(
                     &ciphertext,
                     &remote,
                     &mut stores.sessions,
@@ -499,31 +651,38 @@ impl Core {
                     &mut stores.kyber,
                     &mut rand::rng(),
                 )
-                .await?;
+                .await
+                {
+                    Ok(plaintext) => plaintext,
+                    // Its message key was used: delivered again after its
+                    // tag left the de-duplication window.
+                    Err(SignalProtocolError::DuplicatedMessage(..)) => return Ok(None),
+                    Err(error) => return Err(error.into()),
+                };
                 let content: Content =
                     serde_json::from_slice(&plaintext).map_err(|e| ClientError::Protocol(format!("content: {e}")))?;
                 let message = ChatMessage {
                     id: id.to_owned(),
                     peer: from.clone(),
                     outgoing: false,
-                    text: content.text,
+                    text: content.text.into_owned(),
                     sent_at_ms: content.sent_at_ms,
                 };
                 self.log(&message)?;
-                self.store.put(Kind::Seen, &seen, &[1])?;
-                self.store.remove(Kind::Held, &seen)?;
-                Ok(message)
+                self.store.mark_seen(seen)?;
+                Ok(Some(message))
             })
             .await;
         match result {
-            Ok(message) => Ok(Incoming::Stored(message)),
+            Ok(Some(message)) => Ok(Incoming::Stored(message)),
+            Ok(None) => Ok(Incoming::Duplicate),
             Err(ClientError::UntrustedIdentity(_)) => {
                 // is_trusted_identity noted the new key as pending (its write was
                 // rolled back with the transaction: note it again).
                 if let CiphertextMessage::PreKeySignalMessage(m) = &ciphertext {
                     self.stores.identities.note_pending(&from, m.identity_key())?;
                 }
-                self.hold(id, &from, kind, body)?;
+                self.hold(id, &from, kind, bytes)?;
                 Ok(Incoming::Held { from })
             }
             Err(ClientError::Protocol(reason)) => Ok(Incoming::Undecryptable { from, reason }),
@@ -531,14 +690,25 @@ impl Core {
         }
     }
 
-    fn hold(&self, id: &str, from: &str, kind: &str, body: &str) -> Result<()> {
-        let held = HeldMessage { id: id.into(), from: from.into(), kind: kind.into(), body: body.into() };
+    /// [`Core::receive`] for a message held earlier: the held copy goes
+    /// once it is stored, a duplicate or undecryptable (not if it is held again).
+    pub async fn receive_held(&self, id: &str, from: &str, kind: &str, body: &[u8]) -> Result<Incoming> {
+        let outcome = self.receive(id, from, kind, body).await?;
+        if !matches!(outcome, Incoming::Held { .. }) {
+            let held = [from.as_bytes(), b"/", id.as_bytes()].concat();
+            self.store.stage(async { self.store.remove(Kind::Held, &held) }).await?;
+        }
+        Ok(outcome)
+    }
+
+    fn hold(&self, id: &str, from: &str, kind: &str, body: &[u8]) -> Result<()> {
+        let held = HeldMessage { id: id.into(), from: from.into(), kind: kind.into(), body: STANDARD.encode(body) };
         self.store.put(Kind::Held, &[from.as_bytes(), b"/", id.as_bytes()].concat(), &to_json(&held)?)
     }
 
     /// Accepts `contact`'s new identity key; returns the held messages from
     /// them as `(id, kind, body)` to decrypt again.
-    pub fn trust_identity(&self, contact: &str) -> Result<Vec<(String, String, String)>> {
+    pub fn trust_identity(&self, contact: &str) -> Result<Vec<(String, String, Vec<u8>)>> {
         let contact = user_id_checked("contact", contact)?;
         let key = self
             .stores
@@ -554,7 +724,7 @@ impl Core {
             self.store.all(Kind::Held)?.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect();
         held.retain(|h| h.from == contact);
         held.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(held.into_iter().map(|h| (h.id, h.kind, h.body)).collect())
+        held.into_iter().map(|h| Ok((h.id, h.kind, decode_b64("held", &h.body)?))).collect()
     }
 
     /// Refills one-time keys below [`REFILL_BELOW`] (EC and Kyber apart) and
@@ -604,6 +774,14 @@ pub fn user_id_of(phone_hash: &str) -> String {
     uuid::Uuid::new_v5(&NAMESPACE, phone_hash.as_bytes()).to_string()
 }
 
+/// A new message id: a UUIDv7 (ordered by time) whose random bits come from
+/// the thread's CSPRNG (not a system call per id).
+fn new_message_id() -> String {
+    let mut random = [0u8; 10];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
+    uuid::Builder::from_unix_timestamp_millis(now_ms(), &random).into_uuid().to_string()
+}
+
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| ClientError::Store(e.to_string()))
 }
@@ -647,4 +825,138 @@ fn parse_bundle(bundle: &Value) -> Result<PreKeyBundle> {
         decode_b64("bundle", text("/kyber_prekey/signature")?)?,
         IdentityKey::decode(&decode_b64("bundle", text("/identity_key")?)?)?,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("privcomm-core-{name}-{}.db", uuid::Uuid::now_v7().simple()))
+    }
+
+    /// Alice and Bob in stores of their own (no server), Alice holding a session with Bob.
+    async fn pair() -> Result<(Core, Core, String, String, Vec<std::path::PathBuf>)> {
+        let paths = vec![temp_path("alice"), temp_path("bob")];
+        let open = |path: &std::path::Path| Core::open(path, &[7u8; 32], "http://127.0.0.1:9");
+        let (alice, bob) = (open(&paths[0])?, open(&paths[1])?);
+        let (alice_id, bob_id) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+        alice.create_offline(&alice_id)?;
+        bob.create_offline(&bob_id)?;
+        alice.start_session(&bob_id, &bob.own_bundle(1).await?).await?;
+        Ok((alice, bob, alice_id, bob_id, paths))
+    }
+
+    fn remove(paths: &[std::path::PathBuf]) {
+        for path in paths {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_not_confirmed_sent_goes_out_again_encrypted_anew_under_its_id() -> Result<()> {
+        let (alice, bob, alice_id, bob_id, paths) = pair().await?;
+        let (first, _) = alice.encrypt_text(&bob_id, "confirmed").await?;
+        let (second, lost) = alice.encrypt_text(&bob_id, "never confirmed").await?;
+        alice.durable().await?;
+        alice.mark_sent(&first.id).await?;
+        drop(alice); // closing writes the staged `sent`
+        let alice = Core::open(&paths[0], &[7u8; 32], "http://127.0.0.1:9")?;
+        assert_eq!(alice.unsent_count()?, 1);
+        let again = alice.outbox().await?;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, second.id);
+        assert_ne!(again[0].body, lost.body, "the same ciphertext again");
+        match bob.receive(&again[0].id, &alice_id, &again[0].kind, &again[0].body).await? {
+            Incoming::Stored(message) => assert_eq!(message.text, "never confirmed"),
+            _ => return Err(ClientError::Protocol("not decrypted".into())),
+        }
+        // The first ciphertext, delivered late, is the same message: a duplicate.
+        assert!(matches!(bob.receive(&lost.id, &alice_id, &lost.kind, &lost.body).await?, Incoming::Duplicate));
+        alice.mark_sent(&second.id).await?;
+        assert_eq!(alice.unsent_count()?, 0);
+        assert_eq!(
+            alice.messages()?.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["confirmed", "never confirmed"]
+        );
+        drop((alice, bob));
+        remove(&paths);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_message_delivered_again_after_its_tag_is_gone_is_still_a_duplicate() -> Result<()> {
+        let (alice, bob, alice_id, bob_id, paths) = pair().await?;
+        let (message, frame) = alice.encrypt_text(&bob_id, "once").await?;
+        assert!(matches!(bob.receive(&message.id, &alice_id, &frame.kind, &frame.body).await?, Incoming::Stored(_)));
+        // The same ciphertext under an id whose tag is not kept (as if it had
+        // left the de-duplication window): libsignal's used message key tells.
+        let other_id = uuid::Uuid::now_v7().to_string();
+        assert!(matches!(bob.receive(&other_id, &alice_id, &frame.kind, &frame.body).await?, Incoming::Duplicate));
+        assert_eq!(bob.messages()?.len(), 1);
+        drop((alice, bob));
+        remove(&paths);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn staged_messages_are_in_the_file_after_durable_and_a_restart_continues_the_session() -> Result<()> {
+        let (alice, bob, alice_id, bob_id, paths) = pair().await?;
+        let mut frames = Vec::new();
+        for n in 0..5 {
+            frames.push(alice.encrypt_text(&bob_id, &format!("burst {n}")).await?);
+        }
+        alice.durable().await?;
+        for (message, frame) in &frames {
+            assert!(matches!(
+                bob.receive(&message.id, &alice_id, &frame.kind, &frame.body).await?,
+                Incoming::Stored(_)
+            ));
+        }
+        bob.durable().await?;
+        // Both "crash" (no closing flush): what `durable` wrote is all there is.
+        std::mem::forget(alice);
+        std::mem::forget(bob);
+        let open = |path: &std::path::Path| Core::open(path, &[7u8; 32], "http://127.0.0.1:9");
+        let (alice, bob) = (open(&paths[0])?, open(&paths[1])?);
+        assert_eq!(bob.messages()?.len(), 5);
+        assert_eq!(alice.unsent_count()?, 5);
+        for (message, frame) in &frames {
+            assert!(matches!(
+                bob.receive(&message.id, &alice_id, &frame.kind, &frame.body).await?,
+                Incoming::Duplicate
+            ));
+        }
+        let (message, frame) = alice.encrypt_text(&bob_id, "after the restart").await?;
+        match bob.receive(&message.id, &alice_id, &frame.kind, &frame.body).await? {
+            Incoming::Stored(received) => assert_eq!(received.text, "after the restart"),
+            _ => return Err(ClientError::Protocol("not decrypted".into())),
+        }
+        drop((alice, bob));
+        remove(&paths);
+        Ok(())
+    }
+
+    #[test]
+    fn log_entries_round_trip_in_binary_and_json() -> Result<()> {
+        let message = ChatMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            peer: uuid::Uuid::now_v7().to_string(),
+            outgoing: true,
+            text: "héllo".into(),
+            sent_at_ms: 1_764_000_000_123,
+        };
+        let binary = message.encode()?;
+        assert_eq!(binary[0], ENTRY_V1);
+        assert_eq!(ChatMessage::decode(&binary)?, message);
+        // An id that is not a UUID in its usual spelling is kept as JSON, exactly.
+        let odd = ChatMessage { id: message.id.to_uppercase(), ..message.clone() };
+        let json = odd.encode()?;
+        assert_eq!(json[0], b'{');
+        assert_eq!(ChatMessage::decode(&json)?, odd);
+        assert!(ChatMessage::decode(&binary[..30]).is_err());
+        Ok(())
+    }
 }

@@ -149,15 +149,11 @@ pub struct Sessions(pub Store);
 #[async_trait(?Send)]
 impl SessionStore for Sessions {
     async fn load_session(&self, address: &ProtocolAddress) -> SignalResult<Option<SessionRecord>> {
-        self.0
-            .get(Kind::Session, address.name().as_bytes())
-            .map_err(storage_error)?
-            .map(|bytes| SessionRecord::deserialize(&bytes))
-            .transpose()
+        self.0.session(address.name()).map_err(storage_error)
     }
 
     async fn store_session(&mut self, address: &ProtocolAddress, record: &SessionRecord) -> SignalResult<()> {
-        self.0.put(Kind::Session, address.name().as_bytes(), &record.serialize()?).map_err(storage_error)
+        self.0.put_session(address.name(), record).map_err(storage_error)
     }
 }
 

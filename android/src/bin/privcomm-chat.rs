@@ -74,6 +74,10 @@ enum Command {
         /// Messages A → B.
         #[arg(long, default_value_t = 5_000)]
         messages: usize,
+        /// Messages per store commit (the connection commits what arrived
+        /// together; 1 = one commit per message).
+        #[arg(long, default_value_t = 100)]
+        burst: usize,
         /// Where the benchmark's stores go (removed afterwards).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -144,11 +148,15 @@ fn store_key(store: &Path) -> Result<Vec<u8>, String> {
     }
 }
 
-fn bench(messages: usize, dir: &Path) -> Result<(), String> {
+fn bench(messages: usize, burst: usize, dir: &Path) -> Result<(), String> {
     use privcomm_client::bench::quantile;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let figures = runtime.block_on(privcomm_client::bench::run(messages, dir)).map_err(|e| e.to_string())?;
-    println!("privcomm client: {messages} messages A → B, µs per message (store in {})", dir.display());
+    let figures = runtime.block_on(privcomm_client::bench::run(messages, burst, dir)).map_err(|e| e.to_string())?;
+    println!(
+        "privcomm client: {messages} messages A → B, bursts of {} per commit, µs per message with its share of the commit (store in {})",
+        figures.burst,
+        dir.display()
+    );
     println!("{:<34} {:>9} {:>9}", "", "p50", "p99");
     let rows = [
         ("raw libsignal encrypt (in memory)", &figures.raw_encrypt, None),
@@ -162,12 +170,26 @@ fn bench(messages: usize, dir: &Path) -> Result<(), String> {
             raw.map(|raw| format!("   {:.2}× / {:.2}× raw", p50 / quantile(raw, 0.5), p99 / quantile(raw, 0.99)));
         println!("{name:<34} {p50:>9.1} {p99:>9.1}{}", ratio.unwrap_or_default());
     }
+    let commits = [
+        ("sender's commit per burst", &figures.encrypt_commits),
+        ("recipient's commit per burst", &figures.decrypt_commits),
+    ];
+    for (name, commits) in commits {
+        println!("{name:<34} {:>9.1} {:>9.1}", quantile(commits, 0.5), quantile(commits, 0.99));
+    }
+    println!("wire bytes per message (mean): {:.0}", figures.wire_bytes);
+    let (count, micros) = figures.checkpoints;
+    println!(
+        "background checkpoints (both stores, off the message path): {count}, {:.1} ms in all = {:.2} µs per message",
+        micros / 1000.0,
+        micros / (2 * messages.max(1)) as f64
+    );
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     let command = match cli.command {
-        Command::Bench { messages, dir } => return bench(messages, &dir),
+        Command::Bench { messages, burst, dir } => return bench(messages, burst, &dir),
         command => command,
     };
     let key = store_key(&cli.store)?;
