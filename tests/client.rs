@@ -26,6 +26,7 @@ in_both_modes!(
     a_changed_identity_is_reported_and_its_messages_held_until_trusted,
     a_client_displaced_by_another_connection_of_its_account_stops_instead_of_fighting,
     a_registration_whose_answer_was_lost_is_finished_by_the_next_attempt,
+    a_burst_whose_commit_fails_is_neither_shown_nor_acked_until_a_commit_succeeds,
 );
 
 /// A `privcomm serve` process that can be stopped and started again on the same address and data.
@@ -642,6 +643,50 @@ async fn a_registration_whose_answer_was_lost_is_finished_by_the_next_attempt(mo
     alice.close().await;
     bob.close().await;
     carol.close().await;
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn a_burst_whose_commit_fails_is_neither_shown_nor_acked_until_a_commit_succeeds(mode: Mode) -> TestResult {
+    use sqlx::Connection as _;
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let mut alice = TestClient::open(&dir, "alice", store_key(21), &server.url()).await?;
+    let mut bob = TestClient::open(&dir, "bob", store_key(22), &server.url()).await?;
+    alice.register(&phone("21")).await?;
+    let bob_id = bob.register(&phone("22")).await?;
+    alice.connected().await?;
+    bob.connected().await?;
+    alice.send(&bob_id, "before the lock").await?;
+    assert_eq!(bob.receive(1).await?[0].text, "before the lock");
+
+    // Another connection holds bob's store file: his commits fail (after SQLite's 5 s wait).
+    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", bob.config.store_path)).await?;
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut lock).await?;
+    alice.send(&bob_id, "while the store is locked").await?;
+    let failed = bob
+        .next(|e| {
+            matches!(e, Event::Message(_))
+                || matches!(e, Event::State(_, detail) if detail.contains("cannot store incoming messages"))
+        })
+        .await?;
+    assert!(matches!(failed, Event::State(..)), "shown before it was stored: {failed:?}");
+
+    // The store works again: the relay delivers it again (it was not acked), the
+    // commit succeeds, and it is shown once.
+    sqlx::query("ROLLBACK").execute(&mut lock).await?;
+    lock.close().await?;
+    assert_eq!(bob.receive(1).await?[0].text, "while the store is locked");
+    alice.send(&bob_id, "after the lock").await?;
+    assert_eq!(bob.receive(1).await?[0].text, "after the lock");
+    let texts: Vec<String> = bob.call(|c| c.messages()).await?.into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["before the lock", "while the store is locked", "after the lock"]);
+    let config = bob.config.clone();
+    bob.close().await;
+    let bob = TestClient::open(&dir, "bob", config.store_key.clone(), &config.server_url).await?;
+    assert_eq!(bob.call(|c| c.messages()).await?.len(), 3, "not in the file after all");
+    alice.close().await;
+    bob.close().await;
     server.cleanup().await;
     Ok(())
 }

@@ -133,6 +133,9 @@ struct Runner {
     link: RefCell<Option<(mpsc::UnboundedSender<Outgoing>, watch::Sender<bool>)>>,
     /// Which connection task may report states (an older one winding down may not).
     generation: std::cell::Cell<u64>,
+    /// Incoming messages decrypted but not yet shown: their commit failed.
+    /// They are shown (and acked) after the next commit that succeeds.
+    unshown: RefCell<Vec<(String, Incoming)>>,
 }
 
 /// What the connection task sends.
@@ -173,8 +176,10 @@ impl Client {
         self.call(move |r| Box::pin(async move { r.core.safety_number(&contact) }))
     }
 
-    /// Encrypts `text` for `to` and sends it (now if connected, else on the
-    /// next connection); returns the message id.
+    /// Encrypts `text` for `to`, stores it and sends it (now if connected,
+    /// else on the next connection); returns the message id once it is
+    /// stored. A store error after the encryption (the commit failed) leaves
+    /// the message queued: it goes out once a later commit succeeds.
     pub fn send_text(&self, to: String, text: String) -> Result<String> {
         self.call(move |r| {
             Box::pin(async move {
@@ -326,6 +331,7 @@ impl Client {
                         state: thread_state,
                         link: RefCell::new(None),
                         generation: std::cell::Cell::new(0),
+                        unshown: RefCell::new(Vec::new()),
                     });
                     while let Some(job) = queue.recv().await {
                         tokio::task::spawn_local(job(runner.clone()));
@@ -572,11 +578,15 @@ impl Runner {
                             continue;
                         }
                         if let Err(error) = self.core.durable().await {
-                            // Not stored, so neither shown nor acked: the relay delivers them again.
+                            // Not stored, so neither shown nor acked: the relay delivers
+                            // them again (as duplicates of what is staged), and they are
+                            // shown once a commit succeeds.
                             tracing::warn!(%error, "cannot store incoming messages");
-                            continue;
+                            self.unshown.borrow_mut().extend(received);
+                            return Outcome::Dropped(format!("cannot store incoming messages: {error}"), since.elapsed());
                         }
-                        for (id, outcome) in received {
+                        let earlier = std::mem::take(&mut *self.unshown.borrow_mut());
+                        for (id, outcome) in earlier.into_iter().chain(received) {
                             if self.handled(&id, outcome)
                                 && sink.send(Message::Text(ack_frame(&id).into())).await.is_err()
                             {
