@@ -174,10 +174,16 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         secret_key: b"bench-secret-key-bench-secret-key-0123".to_vec(),
         previous_secret_key: None,
         tokens: Default::default(),
-        rate_limits: RateLimits { registration: unlimited, key_bundle: unlimited, token_issue: unlimited },
+        rate_limits: RateLimits {
+            registration: unlimited,
+            key_bundle: unlimited,
+            token_issue: unlimited,
+            turn: unlimited,
+        },
         cors_origins: vec![],
         user_cache_capacity: args.users + 100,
         node: Default::default(),
+        turn: Default::default(),
     };
     let links = crate::serve::Links::embedded(store.clone(), Default::default()).await?;
     let (_keep_connections_open, connections_stop) = tokio::sync::watch::channel(false);

@@ -11,6 +11,9 @@ use std::time::Duration;
 /// The built-in development secret. Production refuses to start with it.
 pub const DEVELOPMENT_SECRET_KEY: &str = "privcomm-development-secret-key-change-me!";
 
+/// The built-in development TURN secret. Production refuses it when TURN is configured.
+pub const DEVELOPMENT_TURN_SECRET: &str = "privcomm-development-turn-secret-change-me!";
+
 /// The embedded default database.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:data/privcomm.db";
 
@@ -116,6 +119,18 @@ pub struct ServeConfig {
     /// Login tokens issued per user.
     #[arg(long, env = "RATE_LIMIT_TOKEN", default_value = "10/1m", value_parser = parse_rate_limit)]
     pub rate_limit_token: RateLimit,
+    /// TURN credentials issued per user.
+    #[arg(long, env = "RATE_LIMIT_TURN", default_value = "10/1m", value_parser = parse_rate_limit)]
+    pub rate_limit_turn: RateLimit,
+    /// TURN and STUN servers for calls, comma-separated (`turn:`, `turns:`, `stun:` URLs); empty = no calls.
+    #[arg(long, env = "TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Vec<String>,
+    /// coturn's `static-auth-secret` (`use-auth-secret`): signs TURN credentials.
+    #[arg(long, env = "TURN_SECRET", default_value = DEVELOPMENT_TURN_SECRET, hide_env_values = true, hide_default_value = true)]
+    pub turn_secret: String,
+    /// How long a TURN credential is valid (1m to 48h).
+    #[arg(long, env = "TURN_TTL", default_value = "12h", value_parser = parse_duration)]
+    pub turn_ttl: Duration,
     /// User aggregates kept folded in memory by the API.
     #[arg(long, env = "USER_CACHE_SIZE", default_value_t = 2_000)]
     pub user_cache_size: usize,
@@ -220,6 +235,20 @@ pub enum ConfigError {
     /// An origin that is not `scheme://host[:port]`.
     #[error("CORS_ORIGINS entry {0:?} is not an origin like https://app.example.org")]
     InvalidCorsOrigin(String),
+    /// A TURN URL of another scheme.
+    #[error("TURN_URLS entry {0:?} must start with turn:, turns: or stun:")]
+    InvalidTurnUrl(String),
+    /// A TURN credential lifetime out of bounds.
+    #[error("TURN_TTL must be between 1m and 48h")]
+    TurnTtl,
+    /// Production with TURN credentials anyone could make.
+    #[error(
+        "TURN_SECRET is the built-in development default while TURN_URLS is set; set it to coturn's static-auth-secret (a random value of at least 32 bytes) before running with ENVIRONMENT=production"
+    )]
+    DefaultTurnSecret,
+    /// An empty TURN secret.
+    #[error("TURN_SECRET is empty; set it to coturn's static-auth-secret")]
+    EmptyTurnSecret,
     /// Pool bounds the wrong way round.
     #[error("DB_POOL_MIN_SIZE ({min}) is larger than DB_POOL_MAX_SIZE ({max})")]
     PoolBounds {
@@ -262,6 +291,17 @@ impl ServeConfig {
                 return Err(ConfigError::InvalidCorsOrigin(origin.clone()));
             }
         }
+        if let Some(url) =
+            self.turn_urls.iter().find(|u| !["turn:", "turns:", "stun:"].iter().any(|s| u.starts_with(s)))
+        {
+            return Err(ConfigError::InvalidTurnUrl(url.clone()));
+        }
+        if self.turn_ttl < Duration::from_secs(60) || self.turn_ttl > Duration::from_secs(48 * 3600) {
+            return Err(ConfigError::TurnTtl);
+        }
+        if self.turn_secret.is_empty() {
+            return Err(ConfigError::EmptyTurnSecret);
+        }
         if let Some(key) = &self.checkpoint_signing_key {
             privcomm_projections::checkpoints::CheckpointSigner::from_hex_seed(key)
                 .map_err(|_| ConfigError::InvalidCheckpointKey)?;
@@ -281,6 +321,9 @@ impl ServeConfig {
             }
             if let Some(origin) = self.cors_origins.iter().find(|o| is_localhost_origin(o)) {
                 return Err(ConfigError::LocalhostCorsOrigin(origin.clone()));
+            }
+            if !self.turn_urls.is_empty() && self.turn_secret == DEVELOPMENT_TURN_SECRET {
+                return Err(ConfigError::DefaultTurnSecret);
             }
         }
         Ok(backend)
@@ -317,12 +360,18 @@ impl ServeConfig {
                 registration: self.rate_limit_registration,
                 key_bundle: self.rate_limit_key_bundle,
                 token_issue: self.rate_limit_token,
+                turn: self.rate_limit_turn,
             },
             cors_origins: self.cors_origins.clone(),
             user_cache_capacity: self.user_cache_size,
             node: privcomm_api::health::NodeIdentity {
                 node: self.node_name(),
                 roles: self.roles.iter().map(|r| r.name().to_owned()).collect(),
+            },
+            turn: privcomm_api::calls::TurnConfig {
+                urls: self.turn_urls.clone(),
+                secret: self.turn_secret.as_bytes().to_vec(),
+                ttl: self.turn_ttl,
             },
         }
     }
@@ -445,6 +494,33 @@ mod tests {
         assert_eq!(config.validate(), Err(ConfigError::DefaultPreviousSecretKey));
         let config = parse(&["--secret-key", &strong, "--secret-key-previous", "the-old-one"]);
         assert_eq!(config.api_config().previous_secret_key.as_deref(), Some(&b"the-old-one"[..]));
+    }
+
+    #[test]
+    fn turn_settings_are_checked_and_production_refuses_the_default_secret() {
+        let strong = "k".repeat(32);
+        let production =
+            ["--environment", "production", "--secret-key", &strong, "--cors-origins", "https://a.example.org"];
+        let config = parse(&[]);
+        assert!(config.turn_urls.is_empty());
+        assert_eq!(config.turn_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(config.api_config().turn.secret, DEVELOPMENT_TURN_SECRET.as_bytes());
+        // Without TURN_URLS, production does not care about the TURN secret.
+        assert_eq!(parse(&production).validate(), Ok(Backend::Sqlite));
+        let with_turn =
+            [&production[..], &["--turn-urls", "turn:turn.example.org:3478,stun:turn.example.org:3478"]].concat();
+        assert_eq!(parse(&with_turn).validate(), Err(ConfigError::DefaultTurnSecret));
+        let with_secret = [&with_turn[..], &["--turn-secret", "a-real-static-auth-secret-0123456789"]].concat();
+        let config = parse(&with_secret);
+        assert_eq!(config.validate(), Ok(Backend::Sqlite));
+        assert_eq!(config.api_config().turn.urls, ["turn:turn.example.org:3478", "stun:turn.example.org:3478"]);
+        assert_eq!(
+            parse(&["--turn-urls", "https://turn.example.org"]).validate(),
+            Err(ConfigError::InvalidTurnUrl("https://turn.example.org".into()))
+        );
+        assert_eq!(parse(&["--turn-ttl", "30s"]).validate(), Err(ConfigError::TurnTtl));
+        assert_eq!(parse(&["--turn-ttl", "49h"]).validate(), Err(ConfigError::TurnTtl));
+        assert_eq!(parse(&["--turn-secret", ""]).validate(), Err(ConfigError::EmptyTurnSecret));
     }
 
     #[test]

@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (every role in one process).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Database migrations: apply (default), roll back, show, print.
     Migrate {
         /// `sqlite:PATH` or `postgres://…`.
@@ -148,7 +148,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(config) => {
             init_logging(config.log_format);
-            serve(config).await
+            serve(*config).await
         }
         Command::Migrate { database_url, action } => {
             init_logging_with(LogFormat::Text, "warn");

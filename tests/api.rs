@@ -20,6 +20,7 @@ in_both_modes!(
     tokens_are_refused_unless_issued_by_us_for_us_and_current,
     key_uploads_and_push_tokens_are_checked_and_stored,
     rate_limits_allow_exactly_the_limit_then_answer_429,
+    turn_credentials_follow_coturns_scheme_for_the_caller_only,
 );
 
 async fn a_fetched_bundle_establishes_a_real_pqxdh_session(mode: Mode) -> TestResult {
@@ -436,6 +437,7 @@ async fn rate_limits_allow_exactly_the_limit_then_answer_429(mode: Mode) -> Test
         registration: RateLimit { requests: 3, per: hour },
         key_bundle: RateLimit { requests: 5, per: hour },
         token_issue: RateLimit { requests: 2, per: hour },
+        turn: RateLimit { requests: 2, per: hour },
     };
     let api = TestApi::start(mode, limits).await?;
     let mut clients: Vec<Client> = (0..4).map(|i| Client::new(&format!("+1555100000{i}"))).collect();
@@ -468,10 +470,19 @@ async fn rate_limits_allow_exactly_the_limit_then_answer_429(mode: Mode) -> Test
     }
     let sixth = api.http.get(api.url(&format!("/v1/keys/{target}"))).bearer_auth(&token).send().await?;
     assert_limited(sixth, "the 6th bundle fetch by one user").await?;
+
+    // TURN credentials: 2 per requester.
+    for n in 0..2 {
+        let (status, body) = api.get_auth("/v1/calls/turn", &token).await?;
+        assert_eq!(status, 200, "TURN credential {n}: {body}");
+    }
+    let third = api.http.get(api.url("/v1/calls/turn")).bearer_auth(&token).send().await?;
+    assert_limited(third, "the 3rd TURN credential for one user").await?;
     let metrics = api.http.get(api.url("/metrics")).send().await?.text().await?;
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"registration\"} 1"), "{metrics}");
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"key_bundle\"} 1"));
     assert!(metrics.contains("privcomm_rate_limited_total{limit=\"token_issue\"} 1"));
+    assert!(metrics.contains("privcomm_rate_limited_total{limit=\"turn\"} 1"));
     api.shutdown().await;
     Ok(())
 }
@@ -534,6 +545,43 @@ async fn the_openapi_document_lists_every_route_the_router_serves() -> TestResul
         let name = reference.split('"').next().ok_or("ref")?;
         assert!(document["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
     }
+    api.shutdown().await;
+    Ok(())
+}
+
+async fn turn_credentials_follow_coturns_scheme_for_the_caller_only(mode: Mode) -> TestResult {
+    use support::api::{TURN_SECRET, config};
+    let api = TestApi::start(mode, generous_limits()).await?;
+    let mut alice = Client::new("+15550000031");
+    let alice_id = alice.register(&api, 1, 1).await?;
+    let token = alice.login(&api).await?;
+    let unauthenticated = api.http.get(api.url("/v1/calls/turn")).send().await?;
+    assert_eq!(unauthenticated.status().as_u16(), 401);
+    let (status, body) = api.get_auth("/v1/calls/turn", "not-a-token").await?;
+    assert_eq!(status, 401, "{body}");
+
+    let (status, body) = api.get_auth("/v1/calls/turn", &token).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["urls"], json!(["turn:127.0.0.1:3478?transport=udp", "stun:127.0.0.1:3478"]));
+    assert_eq!(body["ttl"], 12 * 3600);
+    let username = body["username"].as_str().ok_or("username")?;
+    let (expiry, user) = username.split_once(':').ok_or("username is not expiry:user")?;
+    assert_eq!(user, alice_id);
+    assert_eq!(expiry.parse::<i64>()?, api.clock.now().unix_seconds() + 12 * 3600);
+    assert_eq!(body["credential"], privcomm_api::calls::credential(TURN_SECRET.as_bytes(), username));
+    // Not the same credential for another secret (the HMAC is keyed).
+    assert_ne!(body["credential"], privcomm_api::calls::credential(b"another secret", username));
+    api.shutdown().await;
+
+    // A server without TURN_URLS says so.
+    let mut unconfigured = config(generous_limits());
+    unconfigured.turn.urls.clear();
+    let api = TestApi::start_with(mode, unconfigured).await?;
+    let mut bob = Client::new("+15550000032");
+    bob.register(&api, 1, 1).await?;
+    let token = bob.login(&api).await?;
+    let (status, body) = api.get_auth("/v1/calls/turn", &token).await?;
+    assert_eq!((status, body["error"].as_str()), (503, Some("not_configured")), "{body}");
     api.shutdown().await;
     Ok(())
 }

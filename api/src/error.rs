@@ -37,6 +37,9 @@ pub enum ApiError {
     /// The request conflicts with what is stored (409).
     #[error("{0}")]
     Conflict(&'static str),
+    /// The server is not set up for this (503).
+    #[error("{0}")]
+    NotConfigured(&'static str),
     /// Over a rate limit (429).
     #[error("rate limited")]
     RateLimited {
@@ -114,6 +117,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::NotFound(message) => (StatusCode::NOT_FOUND, json!({"error": "not_found", "message": message})),
             ApiError::Conflict(message) => (StatusCode::CONFLICT, json!({"error": "conflict", "message": message})),
+            ApiError::NotConfigured(message) => {
+                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "not_configured", "message": message}))
+            }
             ApiError::RateLimited { retry_after } => {
                 (StatusCode::TOO_MANY_REQUESTS, json!({"error": "rate_limited", "retry_after": retry_after}))
             }

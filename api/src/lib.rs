@@ -1,7 +1,8 @@
 //! privcomm's HTTP API (axum).
 //!
 //! One [`AppState`] is shared by every handler; each resource is a module
-//! with a `router()` ([`accounts`], [`auth`], [`keys`], [`push`], [`health`]);
+//! with a `router()` ([`accounts`], [`auth`], [`keys`], [`push`], [`calls`],
+//! [`health`]);
 //! [`router`] composes them with the cross-cutting layers: request ids,
 //! JSON request logs, CORS, rate limits ([`limits`]), metrics ([`metrics`]),
 //! and the OpenAPI document ([`openapi`]). Every state change is a command on
@@ -14,6 +15,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod calls;
 pub mod error;
 pub mod health;
 pub mod json;
@@ -60,6 +62,8 @@ pub struct ApiConfig {
     pub user_cache_capacity: usize,
     /// This process's name and roles, reported by `/health/`.
     pub node: health::NodeIdentity,
+    /// TURN servers and credentials for calls.
+    pub turn: calls::TurnConfig,
 }
 
 /// State shared by every handler.
@@ -83,6 +87,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Who answers `/health/`.
     pub node: Arc<health::NodeIdentity>,
+    /// TURN servers and credentials for calls.
+    pub turn: Arc<calls::TurnConfig>,
 }
 
 impl AppState {
@@ -109,6 +115,7 @@ impl AppState {
             clock,
             metrics,
             node: Arc::new(config.node.clone()),
+            turn: Arc::new(config.turn.clone()),
         }
     }
 }
@@ -133,17 +140,23 @@ fn cors(origins: &[String]) -> CorsLayer {
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let limits = config.rate_limits;
     let accounts = limits::limit_registration(accounts::router(), limits.registration, state.metrics.clone());
-    let bundles = limits::limit_key_bundle(
-        keys::bundle_router(),
-        limits.key_bundle,
-        state.tokens.clone(),
-        state.clock.clone(),
-        state.metrics.clone(),
-    );
+    let per_requester = |router, name, limit| {
+        limits::limit_per_requester(
+            router,
+            name,
+            limit,
+            state.tokens.clone(),
+            state.clock.clone(),
+            state.metrics.clone(),
+        )
+    };
+    let bundles = per_requester(keys::bundle_router(), "key_bundle", limits.key_bundle);
+    let calls = per_requester(calls::router(), "turn", limits.turn);
     let api = Router::new()
         .merge(accounts)
         .merge(auth::router())
         .merge(bundles)
+        .merge(calls)
         .merge(keys::router())
         .merge(push::router())
         .route("/openapi.json", get(openapi::serve));

@@ -6,8 +6,9 @@
 //! | registration (`POST /v1/accounts`) | client IP (the TCP peer) | 10 per hour |
 //! | key-bundle fetch (`GET /v1/keys/{id}`) | requesting user (token `sub`; IP if no valid token) | 5 per minute |
 //! | token issue (`POST /v1/auth/token`) | user in the body | 10 per minute |
+//! | TURN credentials (`GET /v1/calls/turn`) | requesting user (as key bundles) | 10 per minute |
 //!
-//! The first two are tower_governor layers on their routes. The token limit
+//! The registration, key-bundle and TURN limits are tower_governor layers on their routes. The token limit
 //! is keyed by a field of the JSON body, which a tower layer cannot see, so
 //! the handler asks the same GCRA limiter (governor, tower_governor's engine).
 
@@ -48,7 +49,7 @@ impl RateLimit {
     }
 }
 
-/// The three limits.
+/// The limits.
 #[derive(Clone, Copy, Debug)]
 pub struct RateLimits {
     /// Registrations per client IP.
@@ -57,6 +58,8 @@ pub struct RateLimits {
     pub key_bundle: RateLimit,
     /// Token issues per user.
     pub token_issue: RateLimit,
+    /// TURN credentials per requesting user.
+    pub turn: RateLimit,
 }
 
 impl Default for RateLimits {
@@ -65,6 +68,7 @@ impl Default for RateLimits {
             registration: RateLimit { requests: 10, per: Duration::from_secs(3600) },
             key_bundle: RateLimit { requests: 5, per: Duration::from_secs(60) },
             token_issue: RateLimit { requests: 10, per: Duration::from_secs(60) },
+            turn: RateLimit { requests: 10, per: Duration::from_secs(60) },
         }
     }
 }
@@ -170,13 +174,15 @@ pub fn limit_registration<S: Clone + Send + Sync + 'static>(
     limited(router, limit, PeerIpKeyExtractor, "registration", metrics)
 }
 
-/// Applies the key-bundle limit (per requesting user) to `router`.
-pub fn limit_key_bundle<S: Clone + Send + Sync + 'static>(
+/// Applies a limit per requesting user (the key-bundle and TURN limits),
+/// counted in `/metrics` as `name`, to `router`.
+pub fn limit_per_requester<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
+    name: &'static str,
     limit: RateLimit,
     tokens: Arc<Tokens>,
     clock: Arc<dyn privcomm_domain::Clock>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> axum::Router<S> {
-    limited(router, limit, RequesterKeyExtractor { tokens, clock }, "key_bundle", metrics)
+    limited(router, limit, RequesterKeyExtractor { tokens, clock }, name, metrics)
 }

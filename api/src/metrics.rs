@@ -100,7 +100,7 @@ impl Metrics {
         let _ = writeln!(out, "privcomm_events_appended_total {}", self.events_appended.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP privcomm_rate_limited_total Requests refused with 429, by limit.");
         let _ = writeln!(out, "# TYPE privcomm_rate_limited_total counter");
-        for limit in ["registration", "key_bundle", "token_issue"] {
+        for limit in ["registration", "key_bundle", "token_issue", "turn"] {
             let count = self.rate_limited.lock().unwrap_or_else(|p| p.into_inner()).get(limit).copied().unwrap_or(0);
             let _ = writeln!(out, "privcomm_rate_limited_total{{limit=\"{limit}\"}} {count}");
         }

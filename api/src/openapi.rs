@@ -17,6 +17,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/keys/count"),
     ("put", "/v1/keys"),
     ("put", "/v1/push-token"),
+    ("get", "/v1/calls/turn"),
 ];
 
 fn error_response(description: &str) -> Value {
@@ -104,13 +105,22 @@ pub fn document() -> Value {
                 "requestBody": json_body("PushToken"),
                 "responses": auth_errors(json!({
                     "204": { "description": "stored" },
-                    "400": error_response("a field is invalid (named in `field`)") })) } }
+                    "400": error_response("a field is invalid (named in `field`)") })) } },
+            "/v1/calls/turn": { "get": { "summary": "Short-lived TURN credentials for calls (coturn REST-API scheme)", "security": bearer,
+                "responses": auth_errors(json!({
+                    "200": ok_json("credentials", json!({ "type": "object", "required": ["urls", "username", "credential", "ttl"], "properties": {
+                        "urls": { "type": "array", "items": { "type": "string" }, "description": "turn:, turns: and stun: URLs" },
+                        "username": { "type": "string", "description": "<expiry, Unix seconds>:<user id>" },
+                        "credential": { "type": "string", "description": "Base64(HMAC-SHA1(TURN secret, username))" },
+                        "ttl": { "type": "integer", "description": "seconds the credential is valid" } } })),
+                    "429": error_response("over the TURN-credential limit; see Retry-After"),
+                    "503": error_response("calls are not configured (TURN_URLS is empty)") })) } }
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
             "schemas": {
                 "Error": { "type": "object", "required": ["error"], "properties": {
-                    "error": { "type": "string", "enum": ["invalid_field", "unprocessable_body", "unauthorized", "not_found", "conflict", "rate_limited", "internal"] },
+                    "error": { "type": "string", "enum": ["invalid_field", "unprocessable_body", "unauthorized", "not_found", "conflict", "rate_limited", "not_configured", "internal"] },
                     "message": { "type": "string" }, "field": { "type": ["string", "null"] }, "retry_after": { "type": "integer" } } },
                 "Health": { "type": "object", "properties": { "status": { "type": "string", "enum": ["ok", "degraded"] },
                     "checks": { "type": "object", "properties": { "database": { "type": "string" }, "bus": { "type": "string" } } },

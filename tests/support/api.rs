@@ -32,8 +32,11 @@ pub enum Mode {
 /// Limits high enough that only tests about limits meet them.
 pub fn generous_limits() -> RateLimits {
     let many = RateLimit { requests: 100_000, per: Duration::from_secs(1) };
-    RateLimits { registration: many, key_bundle: many, token_issue: many }
+    RateLimits { registration: many, key_bundle: many, token_issue: many, turn: many }
 }
+
+/// The TURN secret of [`config`] (coturn's `static-auth-secret` in the TURN tests).
+pub const TURN_SECRET: &str = "turn-test-secret-0123456789abcdef";
 
 pub fn config(limits: RateLimits) -> ApiConfig {
     ApiConfig {
@@ -44,6 +47,11 @@ pub fn config(limits: RateLimits) -> ApiConfig {
         cors_origins: vec!["https://app.example.org".into()],
         user_cache_capacity: 1_000,
         node: Default::default(),
+        turn: privcomm_api::calls::TurnConfig {
+            urls: vec!["turn:127.0.0.1:3478?transport=udp".into(), "stun:127.0.0.1:3478".into()],
+            secret: TURN_SECRET.as_bytes().to_vec(),
+            ttl: Duration::from_secs(12 * 3600),
+        },
     }
 }
 
@@ -80,6 +88,11 @@ enum Cleanup {
 
 impl TestApi {
     pub async fn start(mode: Mode, limits: RateLimits) -> Result<TestApi, String> {
+        TestApi::start_with(mode, config(limits)).await
+    }
+
+    /// [`TestApi::start`] with a whole configuration.
+    pub async fn start_with(mode: Mode, config: ApiConfig) -> Result<TestApi, String> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
         let clock = Arc::new(ManualClock::new(Timestamp(now.as_micros() as i64)));
         type Opened = (Arc<dyn LogStore>, Links, PushFeed, Cleanup, String, ReadDb);
@@ -104,7 +117,6 @@ impl TestApi {
             }
         };
         let (bus, feed) = (links.bus.clone(), links.feed.clone());
-        let config = config(limits);
         let (stop_connections, connections_stop) = tokio::sync::watch::channel(false);
         let app = privcomm::serve::build_app(
             store.clone(),
