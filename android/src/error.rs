@@ -40,6 +40,9 @@ pub enum ClientError {
     /// libsignal refused.
     #[error("signal protocol: {0}")]
     Protocol(String),
+    /// A call's media could not be set up or carried.
+    #[error("call: {0}")]
+    Call(String),
     /// Bad input from the caller.
     #[error("invalid {field}: {reason}")]
     Invalid {

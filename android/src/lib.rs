@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod call;
 pub mod client;
 pub mod core;
 pub mod error;

@@ -1,0 +1,280 @@
+//! The media path of a call: a str0m [`Rtc`] (ICE, DTLS, SRTP) with one Opus
+//! audio track (48 kHz mono, 20 ms frames), a UDP socket, and the Opus
+//! encoder and decoder. It is driven Sans-IO: the owner calls
+//! [`MediaSession::drive`] when the returned deadline passes or a packet may
+//! have arrived, and hands PCM in and out.
+//!
+//! The offer and answer carry the DTLS fingerprints; exchanged over the
+//! Signal session (as the call signalling will be), they authenticate the
+//! media keys end to end.
+
+use crate::error::{ClientError, Result};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+
+/// Samples per second.
+pub const SAMPLE_RATE: u32 = 48_000;
+/// Samples in one 20 ms frame.
+pub const FRAME_SAMPLES: usize = 960;
+
+fn call_error(what: &str, error: impl std::fmt::Display) -> ClientError {
+    ClientError::Call(format!("{what}: {error}"))
+}
+
+/// One side of a call's media.
+pub struct MediaSession {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    pending_offer: Option<SdpPendingOffer>,
+    mid: Option<Mid>,
+    encoder: opus::Encoder,
+    decoder: opus::Decoder,
+    /// RTP time of the next frame sent (samples).
+    sent_samples: u64,
+    muted: bool,
+    connected: bool,
+    ice: IceConnectionState,
+    /// Decoded PCM not yet taken.
+    received: VecDeque<i16>,
+}
+
+impl std::fmt::Debug for MediaSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaSession").field("local", &self.local).field("connected", &self.connected).finish()
+    }
+}
+
+impl MediaSession {
+    /// A session with a UDP socket on `ip` (a free port) as its host candidate.
+    pub fn new(ip: IpAddr, now: Instant) -> Result<MediaSession> {
+        let socket = UdpSocket::bind((ip, 0)).map_err(|e| call_error("binding the media socket", e))?;
+        socket.set_nonblocking(true).map_err(|e| call_error("media socket", e))?;
+        let local = socket.local_addr().map_err(|e| call_error("media socket", e))?;
+        let mut rtc = Rtc::builder().clear_codecs().enable_opus(true, false).build(now);
+        let candidate = Candidate::host(local, "udp").map_err(|e| call_error("host candidate", e))?;
+        rtc.add_local_candidate(candidate);
+        let encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)
+            .map_err(|e| call_error("Opus encoder", e))?;
+        let decoder =
+            opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono).map_err(|e| call_error("Opus decoder", e))?;
+        Ok(MediaSession {
+            rtc,
+            socket,
+            local,
+            pending_offer: None,
+            mid: None,
+            encoder,
+            decoder,
+            sent_samples: 0,
+            muted: false,
+            connected: false,
+            ice: IceConnectionState::New,
+            received: VecDeque::new(),
+        })
+    }
+
+    /// The UDP address media is received on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// An offer (SDP) with one send-and-receive audio track.
+    pub fn create_offer(&mut self) -> Result<String> {
+        let mut change = self.rtc.sdp_api();
+        let mid = change.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let (offer, pending) = change.apply().ok_or_else(|| ClientError::Call("nothing to offer".into()))?;
+        self.mid = Some(mid);
+        self.pending_offer = Some(pending);
+        Ok(offer.to_sdp_string())
+    }
+
+    /// Accepts the caller's offer; returns the answer (SDP).
+    pub fn accept_offer(&mut self, sdp: &str) -> Result<String> {
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| call_error("the offer", e))?;
+        let answer = self.rtc.sdp_api().accept_offer(offer).map_err(|e| call_error("the offer", e))?;
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Accepts the callee's answer to [`MediaSession::create_offer`].
+    pub fn accept_answer(&mut self, sdp: &str) -> Result<()> {
+        let pending = self.pending_offer.take().ok_or_else(|| ClientError::Call("no offer is waiting".into()))?;
+        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| call_error("the answer", e))?;
+        self.rtc.sdp_api().accept_answer(pending, answer).map_err(|e| call_error("the answer", e))
+    }
+
+    /// Whether DTLS is up and media can flow.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The ICE connection state.
+    pub fn ice_state(&self) -> IceConnectionState {
+        self.ice
+    }
+
+    /// Sends silence instead of what is handed in while `muted`.
+    pub fn set_muted(&mut self, muted: bool) {
+        self.muted = muted;
+    }
+
+    /// Encodes one 20 ms frame of PCM and sends it (once connected; before, it is dropped).
+    pub fn send_frame(&mut self, pcm: &[i16], now: Instant) -> Result<()> {
+        if pcm.len() != FRAME_SAMPLES {
+            return Err(ClientError::Call(format!("a frame is {FRAME_SAMPLES} samples, not {}", pcm.len())));
+        }
+        let Some(mid) = self.mid.filter(|_| self.connected) else { return Ok(()) };
+        let silence = [0i16; FRAME_SAMPLES];
+        let mut packet = [0u8; 1500];
+        let input = if self.muted { &silence[..] } else { pcm };
+        let size = self.encoder.encode(input, &mut packet).map_err(|e| call_error("Opus encoding", e))?;
+        let writer = self.rtc.writer(mid).ok_or_else(|| ClientError::Call("no audio track".into()))?;
+        let pt = writer.payload_params().next().map(|p| p.pt()).ok_or_else(|| ClientError::Call("no Opus".into()))?;
+        let time = MediaTime::new(self.sent_samples, Frequency::FORTY_EIGHT_KHZ);
+        writer.write(pt, now, time, &packet[..size]).map_err(|e| call_error("sending audio", e))?;
+        self.sent_samples += FRAME_SAMPLES as u64;
+        Ok(())
+    }
+
+    /// Takes the PCM decoded so far.
+    pub fn take_received(&mut self) -> Vec<i16> {
+        self.received.drain(..).collect()
+    }
+
+    /// Feeds the packets that arrived and the time to the engine, sends what
+    /// it wants sent, handles its events; returns when to drive it next.
+    pub fn drive(&mut self, now: Instant) -> Result<Instant> {
+        let mut buffer = [0u8; 2000];
+        loop {
+            match self.socket.recv_from(&mut buffer) {
+                Ok((size, source)) => {
+                    let Ok(contents) = buffer[..size].try_into() else { continue };
+                    let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
+                    let input = Input::Receive(now, receive);
+                    // Anything that is not this call's STUN, DTLS or SRTP is dropped.
+                    if self.rtc.accepts(&input) {
+                        self.rtc.handle_input(input).map_err(|e| call_error("media", e))?;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(call_error("receiving media", e)),
+            }
+        }
+        self.rtc.handle_input(Input::Timeout(now)).map_err(|e| call_error("media", e))?;
+        loop {
+            match self.rtc.poll_output().map_err(|e| call_error("media", e))? {
+                Output::Timeout(at) => return Ok(at.min(now + Duration::from_millis(20))),
+                Output::Transmit(transmit) => {
+                    // A lost datagram is what UDP does; ICE and RTP cope.
+                    let _ = self.socket.send_to(&transmit.contents, transmit.destination);
+                }
+                Output::Event(event) => self.on_event(event)?,
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::Connected => self.connected = true,
+            Event::IceConnectionStateChange(state) => self.ice = state,
+            Event::MediaAdded(added) => self.mid = Some(added.mid),
+            Event::MediaData(data) => {
+                let mut pcm = [0i16; FRAME_SAMPLES * 6];
+                let samples =
+                    self.decoder.decode(&data.data, &mut pcm, false).map_err(|e| call_error("Opus decoding", e))?;
+                self.received.extend(&pcm[..samples]);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::tone::{Tone, dominant, rms};
+
+    /// Drives `a` and `b` until `done` or `limit` passes; every 20 ms of a
+    /// connected call, each sends the next frame of its tone.
+    fn run(
+        a: &mut MediaSession,
+        b: &mut MediaSession,
+        tones: &mut (Tone, Tone),
+        limit: Duration,
+        mut done: impl FnMut(&mut MediaSession, &mut MediaSession) -> bool,
+    ) -> Result<bool> {
+        let started = Instant::now();
+        let mut next_frame = started;
+        while started.elapsed() < limit {
+            let now = Instant::now();
+            let deadline = a.drive(now)?.min(b.drive(now)?);
+            if a.is_connected() && b.is_connected() && now >= next_frame {
+                a.send_frame(&tones.0.next_frame(FRAME_SAMPLES), now)?;
+                b.send_frame(&tones.1.next_frame(FRAME_SAMPLES), now)?;
+                next_frame += Duration::from_millis(20);
+            }
+            if done(a, b) {
+                return Ok(true);
+            }
+            let wake = deadline.min(next_frame).max(Instant::now() + Duration::from_millis(1));
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()).min(Duration::from_millis(5)));
+        }
+        Ok(false)
+    }
+
+    #[test]
+    fn two_sessions_on_loopback_connect_and_each_hears_the_others_tone_and_silence_when_muted() -> Result<()> {
+        let now = Instant::now();
+        let loopback: IpAddr = "127.0.0.1".parse().map_err(|e| call_error("address", e))?;
+        let (mut alice, mut bob) = (MediaSession::new(loopback, now)?, MediaSession::new(loopback, now)?);
+        let offer = alice.create_offer()?;
+        let answer = bob.accept_offer(&offer)?;
+        alice.accept_answer(&answer)?;
+        assert!(offer.contains("a=fingerprint:"), "the offer carries the DTLS fingerprint");
+        let mut tones = (Tone::new(440.0, SAMPLE_RATE), Tone::new(660.0, SAMPLE_RATE));
+        let second = SAMPLE_RATE as usize;
+        let (mut at_alice, mut at_bob) = (Vec::new(), Vec::new());
+        let heard = run(&mut alice, &mut bob, &mut tones, Duration::from_secs(10), |a, b| {
+            at_alice.extend(a.take_received());
+            at_bob.extend(b.take_received());
+            at_alice.len() >= second && at_bob.len() >= second
+        })?;
+        assert!(
+            heard,
+            "no second of audio both ways within 10 s (connected: {}, {})",
+            alice.is_connected(),
+            bob.is_connected()
+        );
+        // The codec's first frames ramp up: judge the last half second.
+        let tail = |pcm: &[i16]| pcm[pcm.len() - second / 2..].to_vec();
+        assert!(dominant(&tail(&at_bob), 400, 700, SAMPLE_RATE).abs_diff(440) <= 5, "bob did not hear 440 Hz");
+        assert!(dominant(&tail(&at_alice), 400, 700, SAMPLE_RATE).abs_diff(660) <= 5, "alice did not hear 660 Hz");
+        assert!(rms(&tail(&at_bob)) > 3_000.0);
+
+        alice.set_muted(true);
+        let mut muted = Vec::new();
+        run(&mut alice, &mut bob, &mut tones, Duration::from_millis(600), |_, b| {
+            muted.extend(b.take_received());
+            false
+        })?;
+        assert!(alice.is_connected() && bob.is_connected(), "muting ended the call");
+        assert!(rms(&muted[muted.len() - second / 5..]) < 50.0, "bob still hears alice while she is muted");
+        alice.set_muted(false);
+        let mut back = Vec::new();
+        run(&mut alice, &mut bob, &mut tones, Duration::from_millis(600), |_, b| {
+            back.extend(b.take_received());
+            false
+        })?;
+        assert!(
+            dominant(&back[back.len() - second / 5..], 400, 700, SAMPLE_RATE).abs_diff(440) <= 5,
+            "unmuting did not bring the tone back"
+        );
+        Ok(())
+    }
+}
