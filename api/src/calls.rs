@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 /// Where calls find TURN and STUN, and how credentials are made.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct TurnConfig {
     /// `TURN_URLS`: `turn:`, `turns:` and `stun:` URLs handed to clients; none = calls not configured.
     pub urls: Vec<String>,
@@ -29,6 +29,17 @@ pub struct TurnConfig {
     pub secret: Vec<u8>,
     /// `TURN_TTL`: how long a credential is valid.
     pub ttl: Duration,
+}
+
+impl std::fmt::Debug for TurnConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret mints credentials: never in a log line.
+        f.debug_struct("TurnConfig")
+            .field("urls", &self.urls)
+            .field("secret", &"<redacted>")
+            .field("ttl", &self.ttl)
+            .finish()
+    }
 }
 
 /// The call routes.
@@ -68,5 +79,11 @@ mod tests {
         let expected = base64::engine::general_purpose::STANDARD
             .encode(hex::decode("effcdf6ae5eb2fa2d27416d5f184df9c259a7c79").expect("hex"));
         assert_eq!(credential(b"Jefe", "what do ya want for nothing?"), expected);
+    }
+
+    #[test]
+    fn the_secret_stays_out_of_debug_output() {
+        let config = TurnConfig { urls: vec!["stun:x".into()], secret: b"s3cret-value".to_vec(), ttl: Duration::ZERO };
+        assert!(!format!("{config:?}").contains("s3cret"));
     }
 }
