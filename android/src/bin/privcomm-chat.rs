@@ -68,6 +68,16 @@ enum Command {
     },
     /// Refill one-time prekeys and rotate the signed prekey when due.
     MaintainPrekeys,
+    /// Benchmark: the media path of calls on loopback — set-up time and
+    /// PCM-to-PCM latency (no server, no signalling; docs/BENCHMARKS.md).
+    BenchCalls {
+        /// Calls set up.
+        #[arg(long, default_value_t = 20)]
+        calls: usize,
+        /// Tone onsets timed on the last call.
+        #[arg(long, default_value_t = 50)]
+        onsets: usize,
+    },
     /// Benchmark: encrypt+persist and decrypt+persist per message against
     /// raw libsignal with in-memory stores (no server; docs/BENCHMARKS.md).
     Bench {
@@ -187,9 +197,25 @@ fn bench(messages: usize, burst: usize, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+fn bench_calls(calls: usize, onsets: usize) -> Result<(), String> {
+    use privcomm_client::bench::quantile;
+    let figures = privcomm_client::call::bench::run(calls, onsets).map_err(|e| e.to_string())?;
+    println!("privcomm calls, media path on loopback (no server, no signalling), ms");
+    println!("{:<44} {:>8} {:>8} {:>8}", "", "p50", "p95", "max");
+    for (name, values) in [
+        (format!("set-up: offer → both connected ({} calls)", figures.setup_ms.len()), &figures.setup_ms),
+        (format!("audio: captured at A → played at B ({} onsets)", figures.latency_ms.len()), &figures.latency_ms),
+    ] {
+        let max = values.iter().copied().fold(0.0, f64::max);
+        println!("{name:<44} {:>8.1} {:>8.1} {max:>8.1}", quantile(values, 0.5), quantile(values, 0.95));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let command = match cli.command {
         Command::Bench { messages, burst, dir } => return bench(messages, burst, &dir),
+        Command::BenchCalls { calls, onsets } => return bench_calls(calls, onsets),
         command => command,
     };
     let key = store_key(&cli.store)?;
@@ -270,7 +296,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let report = client.maintain_prekeys().map_err(|e| e.to_string())?;
             println!("{report:?}");
         }
-        Command::Bench { .. } => {}
+        Command::Bench { .. } | Command::BenchCalls { .. } => {}
     }
     client.shutdown();
     Ok(())

@@ -4,5 +4,6 @@
 //! messages), the call state machine and the bindings are not built yet
 //! (issue "Voice calls"; see the closing notes).
 
+pub mod bench;
 pub mod media;
 pub mod tone;
