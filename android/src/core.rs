@@ -501,7 +501,7 @@ impl Core {
                 let frame = self.encrypt(&message).await?;
                 // The outbox holds log numbers, not ciphertext: what was not
                 // confirmed `sent` is encrypted again to go out.
-                let seq = self.store.append_message(&message.encode()?)?;
+                let seq = self.log(&message)?;
                 self.store.queue(seq)?;
                 Ok((frame, seq))
             })
@@ -541,8 +541,9 @@ impl Core {
         })
     }
 
-    fn log(&self, message: &ChatMessage) -> Result<()> {
-        self.store.append_message(&message.encode()?).map(|_| ())
+    /// Appends `message` to the log; returns its sequence number.
+    fn log(&self, message: &ChatMessage) -> Result<i64> {
+        self.store.append_message(&message.encode()?)
     }
 
     /// The messages not confirmed `sent` by the relay, oldest first, with

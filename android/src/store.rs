@@ -781,11 +781,7 @@ impl Store {
             let op = operation.as_mut().expect("an operation was begun");
             change(&mut op.changes, next_seq)
         };
-        let result = self.end(Ok(value));
-        if outermost && result.is_ok() {
-            self.flush()?;
-        }
-        result
+        self.end_committed(outermost, Ok(value))
     }
 
     /// Removes every record of `kind`.
@@ -927,17 +923,18 @@ impl Store {
     /// staged for the next flush.
     pub fn transaction<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
         let outermost = self.begin();
-        let result = self.end(work());
-        if outermost && result.is_ok() {
-            self.flush()?;
-        }
-        result
+        self.end_committed(outermost, work())
     }
 
     /// Async form of [`Store::transaction`] for libsignal's store calls.
     pub async fn transaction_async<T, F: std::future::Future<Output = Result<T>>>(&self, work: F) -> Result<T> {
         let outermost = self.begin();
-        let result = self.end(work.await);
+        self.end_committed(outermost, work.await)
+    }
+
+    /// [`Store::end`], then, for the outermost operation that succeeded, the commit.
+    fn end_committed<T>(&self, outermost: bool, result: Result<T>) -> Result<T> {
+        let result = self.end(result);
         if outermost && result.is_ok() {
             self.flush()?;
         }
