@@ -155,5 +155,6 @@ pub async fn nats_bus() -> Result<privcomm::bus::nats::NatsBus, String> {
         .map_err(|e| format!("NATS JetStream is not reachable at {url}: {e:?}. To start it, {HOW_TO_START}"))
 }
 pub mod api;
+pub mod client;
 pub mod node;
 pub mod ws;
