@@ -15,7 +15,13 @@
 //! another connection of the same account (4409), the client goes
 //! `Disconnected` and does not fight back. An incoming message is acked only
 //! after it was decrypted and stored.
+//!
+//! Calls ([`crate::call::engine`]): signals received go to the call engine in
+//! order; signals sent are tracked until the relay confirms them (a refusal
+//! fails the call). Audio goes in and out on the platform's threads,
+//! straight to the call, not through the client's thread.
 
+use crate::call::engine::{self, CallInfo, CallListener, CallSettings, CallSignal, Calls, Signaller};
 use crate::core::{ChatMessage, Core, Incoming, OutgoingFrame, PrekeyReport};
 use crate::error::{ClientError, Result};
 use futures::future::LocalBoxFuture;
@@ -122,6 +128,8 @@ pub struct Client {
     jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     state: Arc<Mutex<ConnectionState>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Calls, shared with the client's thread (audio goes in and out here directly).
+    calls: Arc<Calls>,
 }
 
 struct Runner {
@@ -136,6 +144,11 @@ struct Runner {
     /// Incoming messages decrypted but not yet shown: their commit failed.
     /// They are shown (and acked) after the next commit that succeeds.
     unshown: RefCell<Vec<(String, Incoming)>>,
+    calls: Arc<Calls>,
+    /// Call signals received, handled in order by the calls task.
+    call_inbox: mpsc::UnboundedSender<(String, CallSignal, u64)>,
+    /// Call signals sent and not yet confirmed by the relay: message id → call id.
+    signals_in_flight: RefCell<std::collections::HashMap<String, String>>,
 }
 
 /// What the connection task sends.
@@ -259,6 +272,67 @@ impl Client {
         })
     }
 
+    /// Sets who hears about calls. Until one is set, incoming calls are answered busy.
+    pub fn set_call_listener(&self, listener: Arc<dyn CallListener>) {
+        self.calls.set_listener(listener);
+    }
+
+    /// Ring time, ICE failure time and media address for calls from now on.
+    pub fn configure_calls(&self, settings: CallSettings) -> Result<()> {
+        self.calls.configure(settings)
+    }
+
+    /// Calls `to` (connected clients only); returns the call id. The call
+    /// listener hears it progress: `Outgoing`, `Connecting`, `Connected`, `Ended`.
+    pub fn start_call(&self, to: String) -> Result<String> {
+        uuid::Uuid::parse_str(&to).map_err(|_| crate::error::invalid("to", "not a user id (UUID)"))?;
+        self.call(move |r| {
+            Box::pin(async move {
+                if r.link.borrow().is_none() {
+                    return Err(ClientError::NotConnected);
+                }
+                engine::start_call(&r.calls, r.clone(), &to).await
+            })
+        })
+    }
+
+    /// Answers the incoming call `call_id`.
+    pub fn accept_call(&self, call_id: String) -> Result<()> {
+        self.call(move |r| Box::pin(async move { engine::accept_call(&r.calls, &*r, &call_id).await }))
+    }
+
+    /// Declines the incoming call `call_id`.
+    pub fn reject_call(&self, call_id: String) -> Result<()> {
+        self.call(move |r| Box::pin(async move { engine::reject_call(&r.calls, &*r, &call_id).await }))
+    }
+
+    /// Ends the call `call_id`.
+    pub fn hang_up(&self, call_id: String) -> Result<()> {
+        self.call(move |r| Box::pin(async move { engine::hang_up(&r.calls, &*r, &call_id).await }))
+    }
+
+    /// Mutes (the peer hears silence) or unmutes the call `call_id`.
+    pub fn set_muted(&self, call_id: String, muted: bool) -> Result<()> {
+        self.calls.set_muted(&call_id, muted)
+    }
+
+    /// Hands 20 ms of captured audio (960 samples, 48 kHz mono) to the call
+    /// `call_id`; call every 20 ms. Runs on the caller's thread.
+    pub fn push_audio(&self, call_id: String, pcm: Vec<i16>) -> Result<()> {
+        self.calls.push_audio(&call_id, &pcm)
+    }
+
+    /// The next 20 ms of audio to play for the call `call_id` (960 samples,
+    /// 48 kHz mono; silence until media flows); call every 20 ms. Runs on the caller's thread.
+    pub fn pull_audio(&self, call_id: String) -> Result<Vec<i16>> {
+        self.calls.pull_audio(&call_id)
+    }
+
+    /// The calls not ended.
+    pub fn active_calls(&self) -> Vec<CallInfo> {
+        self.calls.active()
+    }
+
     /// The connection state now.
     pub fn state(&self) -> ConnectionState {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -266,6 +340,13 @@ impl Client {
 
     /// Stops the client's thread (the store is closed; the object is unusable after). Kotlin's `close()` does it too.
     pub fn shutdown(&self) {
+        // Calls are hung up while the connection can still say so.
+        let _ = self.call(|r| {
+            Box::pin(async move {
+                engine::hang_up_all(&r.calls, &*r).await;
+                Ok(())
+            })
+        });
         let _ = self.disconnect();
         // The thread ends when its queue has no sender left and it is empty.
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -289,6 +370,18 @@ impl Client {
         self.call(move |r| Box::pin(async move { r.core.maintain_prekeys(now_ms).await }))
     }
 
+    /// This side's DTLS fingerprint in the call `call_id`, as its offer or
+    /// answer carries it (diagnostics; tests search the server for it).
+    pub fn call_fingerprint(&self, call_id: &str) -> Result<String> {
+        self.calls.fingerprint(call_id)
+    }
+
+    /// What the playout of the call `call_id` has done so far (frames played,
+    /// concealed, late, skipped; diagnostics and the benchmark).
+    pub fn call_jitter_stats(&self, call_id: &str) -> Result<crate::call::jitter::JitterStats> {
+        self.calls.jitter_stats(call_id)
+    }
+
     /// [`Client::new`] with the waits between reconnect attempts injected.
     pub fn with_pause(
         config: ClientConfig,
@@ -297,6 +390,8 @@ impl Client {
     ) -> Result<Arc<Client>> {
         let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
         let state = Arc::new(Mutex::new(ConnectionState::Disconnected));
+        let calls = Arc::new(Calls::new(&config.server_url));
+        let thread_calls = calls.clone();
         let (opened_tx, opened) = std::sync::mpsc::channel::<Result<()>>();
         let thread_state = state.clone();
         let thread = std::thread::Builder::new()
@@ -324,6 +419,7 @@ impl Client {
                         }
                     };
                     let _ = opened_tx.send(Ok(()));
+                    let (call_inbox, signals) = mpsc::unbounded_channel();
                     let runner = Rc::new(Runner {
                         core,
                         listener,
@@ -332,7 +428,11 @@ impl Client {
                         link: RefCell::new(None),
                         generation: std::cell::Cell::new(0),
                         unshown: RefCell::new(Vec::new()),
+                        calls: thread_calls,
+                        call_inbox,
+                        signals_in_flight: RefCell::default(),
                     });
+                    tokio::task::spawn_local(Runner::call_signals(runner.clone(), signals));
                     while let Some(job) = queue.recv().await {
                         tokio::task::spawn_local(job(runner.clone()));
                     }
@@ -346,7 +446,7 @@ impl Client {
             .map_err(|e| ClientError::Store(format!("cannot start the client's thread: {e}")))?;
         match opened.recv() {
             Ok(Ok(())) => {
-                Ok(Arc::new(Client { jobs: Mutex::new(Some(jobs)), state, thread: Mutex::new(Some(thread)) }))
+                Ok(Arc::new(Client { jobs: Mutex::new(Some(jobs)), state, thread: Mutex::new(Some(thread)), calls }))
             }
             Ok(Err(error)) => {
                 let _ = thread.join();
@@ -418,6 +518,10 @@ impl Runner {
                 true
             }
             Incoming::Duplicate => true,
+            Incoming::Call { from, signal, sent_at_ms } => {
+                let _ = self.call_inbox.send((from, signal, sent_at_ms));
+                true
+            }
             Incoming::Held { from } => {
                 let number = self.core.safety_number(&from).unwrap_or_default();
                 self.listener.on_identity_changed(from, number);
@@ -428,6 +532,13 @@ impl Runner {
                 self.listener.on_undecryptable(from, reason);
                 true
             }
+        }
+    }
+
+    /// Hands received call signals to the call engine, in order.
+    async fn call_signals(self: Rc<Self>, mut signals: mpsc::UnboundedReceiver<(String, CallSignal, u64)>) {
+        while let Some((from, signal, sent_at_ms)) = signals.recv().await {
+            engine::on_signal(&self.calls, self.clone(), &from, signal, sent_at_ms).await;
         }
     }
 
@@ -533,15 +644,17 @@ impl Runner {
         loop {
             tokio::select! {
                 _ = stopped.wait_for(|s| *s) => {
+                    // What was handed over before `disconnect()` (a hangup at shutdown) still goes.
+                    while let Ok(next) = outgoing.try_recv() {
+                        if sink.send(Message::Text(outgoing_text(next).into())).await.is_err() {
+                            break;
+                        }
+                    }
                     let _ = sink.send(Message::Close(None)).await;
                     return Outcome::Stopped;
                 }
                 Some(next) = outgoing.recv() => {
-                    let text = match next {
-                        Outgoing::Send(frame) => send_frame(&frame),
-                        Outgoing::Ack(id) => ack_frame(&id),
-                    };
-                    if sink.send(Message::Text(text.into())).await.is_err() {
+                    if sink.send(Message::Text(outgoing_text(next).into())).await.is_err() {
                         return Outcome::Dropped("send failed".into(), since.elapsed());
                     }
                 }
@@ -636,20 +749,54 @@ impl Runner {
             }
             Some("sent") => {
                 let id = text("id");
-                if self.core.mark_sent(&id).await.is_ok() {
+                if self.signals_in_flight.borrow_mut().remove(&id).is_none()
+                    && let Ok(true) = self.core.mark_sent(&id).await
+                {
                     self.listener.on_sent(id);
                 }
                 None
             }
             Some("error") => {
                 let (reference, message) = (text("ref"), text("message"));
-                if !reference.is_empty() && self.core.mark_sent(&reference).await.is_ok() {
-                    self.listener.on_send_failed(reference, format!("{}: {message}", text("code")));
+                let reason = format!("{}: {message}", text("code"));
+                let call = self.signals_in_flight.borrow_mut().remove(&reference);
+                if let Some(call_id) = call {
+                    self.calls.signal_refused(&call_id, &reason);
+                } else if !reference.is_empty()
+                    && let Ok(true) = self.core.mark_sent(&reference).await
+                {
+                    self.listener.on_send_failed(reference, reason);
                 }
                 None
             }
             _ => None,
         }
+    }
+}
+
+impl Signaller for Runner {
+    fn signal<'a>(&'a self, to: &'a str, signal: CallSignal) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let link = self.link.borrow().as_ref().map(|(outgoing, _)| outgoing.clone());
+            let link = link.ok_or(ClientError::NotConnected)?;
+            let frame = self.core.prepare_signal(to, &signal).await?;
+            // Like a message: nothing leaves before the session state is stored.
+            self.core.durable().await?;
+            let mut in_flight = self.signals_in_flight.borrow_mut();
+            // Confirmations lost with a connection are never coming: forget them now and then.
+            if in_flight.len() >= 1024 {
+                in_flight.clear();
+            }
+            in_flight.insert(frame.id.clone(), signal.call_id().to_owned());
+            link.send(Outgoing::Send(frame)).map_err(|_| ClientError::NotConnected)
+        })
+    }
+}
+
+fn outgoing_text(next: Outgoing) -> String {
+    match next {
+        Outgoing::Send(frame) => send_frame(&frame),
+        Outgoing::Ack(id) => ack_frame(&id),
     }
 }
 

@@ -4,6 +4,7 @@
 //! maintenance. [`crate::Client`] is the thread-safe face of it.
 
 use crate::api::Api;
+use crate::call::engine::CallSignal;
 use crate::error::{ClientError, Result, invalid, protocol};
 use crate::signal::{KeyMaker, Stores, meta, now_ms};
 use crate::store::{Kind, Store};
@@ -115,6 +116,15 @@ pub enum Incoming {
         /// The sender.
         from: String,
     },
+    /// A call signal: for the call engine, not the message log.
+    Call {
+        /// The sender.
+        from: String,
+        /// The signal.
+        signal: CallSignal,
+        /// When the sender sent it (ms since the epoch, their clock).
+        sent_at_ms: u64,
+    },
     /// Cannot ever be decrypted (corrupt, or not for this session). Acked
     /// so it is not delivered forever; reported.
     Undecryptable {
@@ -138,14 +148,18 @@ pub struct OutgoingFrame {
     pub body: Vec<u8>,
 }
 
+/// What a Signal message carries: `{"v":1,"type":"text","text":…,"sent_at_ms":…}`
+/// or `{"v":1,"type":"call","call":{"kind":"offer",…},"sent_at_ms":…}`.
 #[derive(Serialize, Deserialize)]
 struct Content<'a> {
     v: u32,
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
+    #[serde(borrow, default, skip_serializing_if = "str::is_empty")]
     text: std::borrow::Cow<'a, str>,
     sent_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    call: Option<CallSignal>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -441,6 +455,27 @@ impl Core {
         self.encrypt_text(&to, text).await
     }
 
+    /// Encrypts a call signal for `to` (setting up a session if there is
+    /// none); staged, not logged, not queued: a signal is sent now or never
+    /// (see [`Core::durable`] before sending the frame).
+    pub async fn prepare_signal(&self, to: &str, signal: &CallSignal) -> Result<OutgoingFrame> {
+        let to = user_id_checked("to", to)?;
+        let (user, _) = self.registered()?;
+        if to == user {
+            return Err(invalid("to", "that is this account"));
+        }
+        self.ensure_session(&to).await?;
+        let content = to_json(&Content {
+            v: 1,
+            kind: "call".into(),
+            text: "".into(),
+            sent_at_ms: now_ms(),
+            call: Some(signal.clone()),
+        })?;
+        let _guard = self.crypto.lock().await;
+        self.store.stage(self.encrypt(&to, &new_message_id(), &content)).await
+    }
+
     /// A session with `to` to encrypt on: refused while their identity
     /// change waits for the user; set up from a fetched bundle if there is none.
     async fn ensure_session(&self, to: &str) -> Result<()> {
@@ -498,7 +533,7 @@ impl Core {
         let (frame, seq) = self
             .store
             .stage(async {
-                let frame = self.encrypt(&message).await?;
+                let frame = self.encrypt_message(&message).await?;
                 // The outbox holds log numbers, not ciphertext: what was not
                 // confirmed `sent` is encrypted again to go out.
                 let seq = self.log(&message)?;
@@ -511,17 +546,23 @@ impl Core {
     }
 
     /// `message` encrypted on the session with its peer (within an operation).
-    async fn encrypt(&self, message: &ChatMessage) -> Result<OutgoingFrame> {
+    async fn encrypt_message(&self, message: &ChatMessage) -> Result<OutgoingFrame> {
         let content = to_json(&Content {
             v: 1,
             kind: "text".into(),
             text: message.text.as_str().into(),
             sent_at_ms: message.sent_at_ms,
+            call: None,
         })?;
+        self.encrypt(&message.peer, &message.id, &content).await
+    }
+
+    /// `content` encrypted on the session with `peer` as message `id` (within an operation).
+    async fn encrypt(&self, peer: &str, id: &str, content: &[u8]) -> Result<OutgoingFrame> {
         let mut stores = self.stores.clone();
         let ciphertext = message_encrypt(
-            &content,
-            &address(&message.peer),
+            content,
+            &address(peer),
             &mut stores.sessions,
             &mut stores.identities,
             SystemTime::now(),
@@ -534,8 +575,8 @@ impl Core {
             _ => return Err(ClientError::Protocol("unexpected ciphertext type".into())),
         };
         Ok(OutgoingFrame {
-            id: message.id.clone(),
-            to: message.peer.clone(),
+            id: id.to_owned(),
+            to: peer.to_owned(),
             kind: kind.into(),
             body: ciphertext.serialize().to_vec(),
         })
@@ -575,7 +616,7 @@ impl Core {
                 continue;
             }
             let _guard = self.crypto.lock().await;
-            match self.store.stage(self.encrypt(&message)).await {
+            match self.store.stage(self.encrypt_message(&message)).await {
                 Ok(frame) => frames.push(frame),
                 Err(error) => tracing::warn!(message_id = %message.id, %error, "a queued message cannot be sent yet"),
             }
@@ -584,16 +625,17 @@ impl Core {
         Ok(frames)
     }
 
-    /// The relay accepted (or refused) message `id`: it leaves the outbox.
+    /// The relay accepted (or refused) message `id`: it leaves the outbox
+    /// (`false`: it was not there — a call signal, or told twice).
     /// Staged: if that is lost in a crash, the message goes out again on the
     /// next connection and the relay and the recipient de-duplicate it by id.
-    pub async fn mark_sent(&self, id: &str) -> Result<()> {
+    pub async fn mark_sent(&self, id: &str) -> Result<bool> {
         let Some(seq) = self.unsent.borrow().get(id).copied() else {
-            return Ok(());
+            return Ok(false);
         };
         self.store.stage(async { self.store.dequeue(seq) }).await?;
         self.unsent.borrow_mut().remove(id);
-        Ok(())
+        Ok(true)
     }
 
     /// Writes every staged operation to the store file (group commit: the
@@ -662,6 +704,14 @@ impl Core {
                 };
                 let content: Content =
                     serde_json::from_slice(&plaintext).map_err(|e| ClientError::Protocol(format!("content: {e}")))?;
+                match (content.kind.as_ref(), content.call) {
+                    ("text", _) => {}
+                    ("call", Some(signal)) => {
+                        self.store.mark_seen(seen)?;
+                        return Ok(Some(Incoming::Call { from: from.clone(), signal, sent_at_ms: content.sent_at_ms }));
+                    }
+                    (other, _) => return Err(ClientError::Protocol(format!("unsupported content type {other:?}"))),
+                }
                 let message = ChatMessage {
                     id: id.to_owned(),
                     peer: from.clone(),
@@ -671,11 +721,11 @@ impl Core {
                 };
                 self.log(&message)?;
                 self.store.mark_seen(seen)?;
-                Ok(Some(message))
+                Ok(Some(Incoming::Stored(message)))
             })
             .await;
         match result {
-            Ok(Some(message)) => Ok(Incoming::Stored(message)),
+            Ok(Some(incoming)) => Ok(incoming),
             Ok(None) => Ok(Incoming::Duplicate),
             Err(ClientError::UntrustedIdentity(_)) => {
                 // is_trusted_identity noted the new key as pending (its write was
@@ -882,6 +932,36 @@ mod tests {
             alice.messages()?.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
             ["confirmed", "never confirmed"]
         );
+        drop((alice, bob));
+        remove(&paths);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_call_signal_reaches_the_call_engine_not_the_log_and_unknown_content_is_undecryptable() -> Result<()> {
+        let (alice, bob, alice_id, bob_id, paths) = pair().await?;
+        let signal = CallSignal::Offer { call_id: "call".into(), sdp: "v=0 a=fingerprint:sha-256 AB".into() };
+        let frame = alice.prepare_signal(&bob_id, &signal).await?;
+        alice.durable().await?;
+        assert_eq!(alice.unsent_count()?, 0, "a signal is not queued for later");
+        match bob.receive(&frame.id, &alice_id, &frame.kind, &frame.body).await? {
+            Incoming::Call { from, signal: received, sent_at_ms } => {
+                assert_eq!((from.as_str(), &received), (alice_id.as_str(), &signal));
+                assert!(sent_at_ms.abs_diff(now_ms()) < 60_000);
+            }
+            _ => return Err(ClientError::Protocol("not a call signal".into())),
+        }
+        assert!(matches!(bob.receive(&frame.id, &alice_id, &frame.kind, &frame.body).await?, Incoming::Duplicate));
+        assert!(alice.messages()?.is_empty() && bob.messages()?.is_empty(), "a signal entered a message log");
+        // Content of a type this client does not know is reported, not shown as text.
+        let content = br#"{"v":1,"type":"sticker","sent_at_ms":1}"#;
+        let id = new_message_id();
+        let unknown = alice.store.stage(alice.encrypt(&bob_id, &id, content)).await?;
+        alice.durable().await?;
+        assert!(matches!(
+            bob.receive(&id, &alice_id, &unknown.kind, &unknown.body).await?,
+            Incoming::Undecryptable { reason, .. } if reason.contains("sticker")
+        ));
         drop((alice, bob));
         remove(&paths);
         Ok(())

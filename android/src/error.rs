@@ -40,6 +40,9 @@ pub enum ClientError {
     /// libsignal refused.
     #[error("signal protocol: {0}")]
     Protocol(String),
+    /// Not connected to the relay (a call needs the connection): call `connect()`.
+    #[error("not connected to the relay: call connect() first")]
+    NotConnected,
     /// A call's media could not be set up or carried.
     #[error("call: {0}")]
     Call(String),

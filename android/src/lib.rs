@@ -12,7 +12,9 @@
 //! The exported surface (uniffi, for Kotlin): [`Client`] (an object with
 //! blocking, thread-safe methods), [`ClientConfig`], [`ChatMessage`],
 //! [`PrekeyReport`], [`ConnectionState`], the [`ClientListener`] callback
-//! interface and the [`ClientError`] enum.
+//! interface and the [`ClientError`] enum; for calls [`CallInfo`],
+//! [`CallState`], [`CallEndReason`], [`CallSettings`] and the
+//! [`CallListener`] callback interface.
 
 pub mod api;
 pub mod bench;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod signal;
 pub mod store;
 
+pub use call::engine::{CallEndReason, CallInfo, CallListener, CallSettings, CallState};
 pub use client::{Client, ClientConfig, ClientListener, ConnectionState, Pause};
 pub use core::{ChatMessage, PrekeyReport};
 pub use error::ClientError;

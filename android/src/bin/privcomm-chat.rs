@@ -8,11 +8,19 @@
 //! privcomm-chat --store bob.db chat <alice's user id>
 //! ```
 //!
+//! And a call (a terminal has no microphone: each side sends a tone and
+//! prints the pitch it hears): `privcomm-chat --store bob.db answer`, then
+//! `privcomm-chat --store alice.db call <bob's user id>`.
+//!
 //! The store key lives in `<store>.key` (32 random bytes, created with mode
 //! 0600 on first use) unless `PRIVCOMM_STORE_KEY` (64 hex digits) is set.
 
 use clap::{Parser, Subcommand};
-use privcomm_client::{ChatMessage, Client, ClientConfig, ClientListener, ConnectionState};
+use privcomm_client::call::media::{FRAME_SAMPLES, SAMPLE_RATE};
+use privcomm_client::call::tone::{Tone, dominant, rms};
+use privcomm_client::{
+    CallInfo, CallListener, CallState, ChatMessage, Client, ClientConfig, ClientListener, ConnectionState,
+};
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -68,8 +76,27 @@ enum Command {
     },
     /// Refill one-time prekeys and rotate the signed prekey when due.
     MaintainPrekeys,
-    /// Benchmark: the media path of calls on loopback — set-up time and
-    /// PCM-to-PCM latency (no server, no signalling; docs/BENCHMARKS.md).
+    /// Call a contact: sends a tone, prints the pitch heard each second,
+    /// hangs up after `--seconds` (or when the other side does).
+    Call {
+        /// The contact's user id.
+        contact: String,
+        /// The tone to send (Hz).
+        #[arg(long, default_value_t = 440.0)]
+        tone: f64,
+        /// How long to stay in the call once connected.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Wait for a call and answer it: sends a tone and prints the pitch heard
+    /// each second until the call ends.
+    Answer {
+        /// The tone to send (Hz).
+        #[arg(long, default_value_t = 660.0)]
+        tone: f64,
+    },
+    /// Benchmark: calls between two new accounts through the server
+    /// (`--server`) — set-up time and PCM-to-PCM latency (docs/BENCHMARKS.md).
     BenchCalls {
         /// Calls set up.
         #[arg(long, default_value_t = 20)]
@@ -77,6 +104,9 @@ enum Command {
         /// Tone onsets timed on the last call.
         #[arg(long, default_value_t = 50)]
         onsets: usize,
+        /// Where the benchmark's stores go (removed afterwards).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
     /// Benchmark: encrypt+persist and decrypt+persist per message against
     /// raw libsignal with in-memory stores (no server; docs/BENCHMARKS.md).
@@ -124,6 +154,71 @@ impl ClientListener for Printer {
     }
     fn on_undecryptable(&self, from: String, reason: String) {
         eprintln!("a message from {} could not be decrypted: {reason}", short(&from));
+    }
+}
+
+struct CallPrinter(std::sync::mpsc::Sender<CallInfo>);
+
+impl CallListener for CallPrinter {
+    fn on_call_changed(&self, call: CallInfo) {
+        match (call.state, call.end_reason) {
+            (CallState::Ended, Some(reason)) => eprintln!("call ended: {reason:?} {}", call.detail),
+            (state, _) => eprintln!("call with {}: {state:?}", short(&call.peer)),
+        }
+        let _ = self.0.send(call);
+    }
+}
+
+/// Waits for a change of a call that `wanted` accepts (`Err` if it ends first).
+fn await_call(
+    calls: &std::sync::mpsc::Receiver<CallInfo>,
+    wanted: impl Fn(&CallInfo) -> bool,
+) -> Result<CallInfo, String> {
+    loop {
+        let call = calls.recv().map_err(|_| "the client closed")?;
+        if wanted(&call) {
+            return Ok(call);
+        }
+        if call.state == CallState::Ended {
+            return Err("the call ended".into());
+        }
+    }
+}
+
+/// Sends `hz` and prints what is heard, every second, until the call ends or `until` passes.
+fn talk(
+    client: &Client,
+    calls: &std::sync::mpsc::Receiver<CallInfo>,
+    call_id: &str,
+    hz: f64,
+    until: Option<std::time::Instant>,
+) -> Result<(), String> {
+    let mut tone = Tone::new(hz, SAMPLE_RATE);
+    let mut heard = Vec::new();
+    let mut next = std::time::Instant::now();
+    loop {
+        if let Ok(call) = calls.try_recv()
+            && call.call_id == call_id
+            && call.state == CallState::Ended
+        {
+            return Ok(());
+        }
+        if until.is_some_and(|until| std::time::Instant::now() >= until) {
+            return client.hang_up(call_id.to_owned()).map_err(|e| e.to_string());
+        }
+        client.push_audio(call_id.to_owned(), tone.next_frame(FRAME_SAMPLES)).map_err(|e| e.to_string())?;
+        heard.extend(client.pull_audio(call_id.to_owned()).map_err(|e| e.to_string())?);
+        if heard.len() >= SAMPLE_RATE as usize {
+            let level = rms(&heard);
+            if level < 100.0 {
+                println!("hearing silence");
+            } else {
+                println!("hearing {} Hz (RMS {level:.0})", dominant(&heard, 100, 2_000, SAMPLE_RATE));
+            }
+            heard.clear();
+        }
+        next += std::time::Duration::from_millis(20);
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
@@ -197,25 +292,34 @@ fn bench(messages: usize, burst: usize, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn bench_calls(calls: usize, onsets: usize) -> Result<(), String> {
+fn bench_calls(server: &str, calls: usize, onsets: usize, dir: &Path) -> Result<(), String> {
     use privcomm_client::bench::quantile;
-    let figures = privcomm_client::call::bench::run(calls, onsets).map_err(|e| e.to_string())?;
-    println!("privcomm calls, media path on loopback (no server, no signalling), ms");
-    println!("{:<44} {:>8} {:>8} {:>8}", "", "p50", "p95", "max");
+    let scratch = dir.join(format!("privcomm-bench-calls-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let figures = privcomm_client::call::bench::run(server, calls, onsets, &scratch).map_err(|e| e.to_string());
+    let _ = std::fs::remove_dir_all(&scratch);
+    let figures = figures?;
+    println!("privcomm calls between two clients through {server}, ms");
+    println!("{:<48} {:>8} {:>8} {:>8}", "", "p50", "p95", "max");
     for (name, values) in [
-        (format!("set-up: offer → both connected ({} calls)", figures.setup_ms.len()), &figures.setup_ms),
+        (format!("set-up: start_call → both connected ({} calls)", figures.setup_ms.len()), &figures.setup_ms),
         (format!("audio: captured at A → played at B ({} onsets)", figures.latency_ms.len()), &figures.latency_ms),
     ] {
         let max = values.iter().copied().fold(0.0, f64::max);
-        println!("{name:<44} {:>8.1} {:>8.1} {max:>8.1}", quantile(values, 0.5), quantile(values, 0.95));
+        println!("{name:<48} {:>8.1} {:>8.1} {max:>8.1}", quantile(values, 0.5), quantile(values, 0.95));
     }
+    let p = figures.playout;
+    println!(
+        "playout at B, frames: {} played, {} concealed, {} late (concealed), {} skipped, {} arrived too late",
+        p.played, p.lost, p.late, p.skipped, p.too_late
+    );
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     let command = match cli.command {
         Command::Bench { messages, burst, dir } => return bench(messages, burst, &dir),
-        Command::BenchCalls { calls, onsets } => return bench_calls(calls, onsets),
+        Command::BenchCalls { calls, onsets, dir } => return bench_calls(&cli.server, calls, onsets, &dir),
         command => command,
     };
     let key = store_key(&cli.store)?;
@@ -295,6 +399,25 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::MaintainPrekeys => {
             let report = client.maintain_prekeys().map_err(|e| e.to_string())?;
             println!("{report:?}");
+        }
+        Command::Call { contact, tone, seconds } => {
+            let (calls_tx, calls) = std::sync::mpsc::channel();
+            client.set_call_listener(Arc::new(CallPrinter(calls_tx)));
+            online()?;
+            let id = client.start_call(contact).map_err(|e| e.to_string())?;
+            await_call(&calls, |c| c.call_id == id && c.state == CallState::Connected)?;
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+            talk(&client, &calls, &id, tone, Some(until))?;
+        }
+        Command::Answer { tone } => {
+            let (calls_tx, calls) = std::sync::mpsc::channel();
+            client.set_call_listener(Arc::new(CallPrinter(calls_tx)));
+            online()?;
+            eprintln!("connected; waiting for a call (Ctrl-C to quit)");
+            let incoming = await_call(&calls, |c| c.state == CallState::Incoming)?;
+            client.accept_call(incoming.call_id.clone()).map_err(|e| e.to_string())?;
+            await_call(&calls, |c| c.call_id == incoming.call_id && c.state == CallState::Connected)?;
+            talk(&client, &calls, &incoming.call_id, tone, None)?;
         }
         Command::Bench { .. } | Command::BenchCalls { .. } => {}
     }

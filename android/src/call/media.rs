@@ -5,11 +5,15 @@
 //! have arrived, and hands PCM in and out.
 //!
 //! The offer and answer carry the DTLS fingerprints; exchanged over the
-//! Signal session (as the call signalling will be), they authenticate the
-//! media keys end to end.
+//! Signal session (as the call signalling is), they authenticate the media
+//! keys end to end. ICE candidates are not in them: they are trickled
+//! ([`MediaSession::gather`], [`MediaSession::add_remote_candidate`]).
+//!
+//! Received packets wait in a [`JitterBuffer`] until the platform takes the
+//! next frame ([`MediaSession::pull_frame`]).
 
+use crate::call::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::error::{ClientError, Result};
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -40,8 +44,10 @@ pub struct MediaSession {
     muted: bool,
     connected: bool,
     ice: IceConnectionState,
-    /// Decoded PCM not yet taken.
-    received: VecDeque<i16>,
+    /// Received packets not yet played.
+    jitter: JitterBuffer,
+    /// When the last datagram arrived.
+    last_received: Option<Instant>,
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -51,14 +57,13 @@ impl std::fmt::Debug for MediaSession {
 }
 
 impl MediaSession {
-    /// A session with a UDP socket on `ip` (a free port) as its host candidate.
+    /// A session with a UDP socket on `ip` (a free port), its host candidate
+    /// (see [`MediaSession::gather`]).
     pub fn new(ip: IpAddr, now: Instant) -> Result<MediaSession> {
         let socket = UdpSocket::bind((ip, 0)).map_err(|e| call_error("binding the media socket", e))?;
         socket.set_nonblocking(true).map_err(|e| call_error("media socket", e))?;
         let local = socket.local_addr().map_err(|e| call_error("media socket", e))?;
-        let mut rtc = Rtc::builder().clear_codecs().enable_opus(true, false).build(now);
-        let candidate = Candidate::host(local, "udp").map_err(|e| call_error("host candidate", e))?;
-        rtc.add_local_candidate(candidate);
+        let rtc = Rtc::builder().clear_codecs().enable_opus(true, false).build(now);
         let encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)
             .map_err(|e| call_error("Opus encoder", e))?;
         let decoder =
@@ -75,13 +80,49 @@ impl MediaSession {
             muted: false,
             connected: false,
             ice: IceConnectionState::New,
-            received: VecDeque::new(),
+            jitter: JitterBuffer::new(FRAME_SAMPLES as u64),
+            last_received: None,
         })
     }
 
     /// The UDP address media is received on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// A socket on the same port, to wait on for packets (`drive` reads them).
+    pub fn socket(&self) -> Result<UdpSocket> {
+        self.socket.try_clone().map_err(|e| call_error("media socket", e))
+    }
+
+    /// Adds this side's candidates (the host candidate) and returns them as
+    /// SDP `candidate:` lines for the peer. Call after the offer or answer.
+    pub fn gather(&mut self) -> Result<Vec<String>> {
+        let candidate = Candidate::host(self.local, "udp").map_err(|e| call_error("host candidate", e))?;
+        let line = candidate.to_sdp_string();
+        self.rtc
+            .add_local_candidate(candidate)
+            .ok_or_else(|| ClientError::Call("the host candidate was refused".into()))?;
+        Ok(vec![line])
+    }
+
+    /// Adds a candidate of the peer (an SDP `candidate:` line).
+    pub fn add_remote_candidate(&mut self, line: &str) -> Result<()> {
+        let line = line.trim().trim_start_matches("a=");
+        let candidate = Candidate::from_sdp_string(line).map_err(|e| call_error("a candidate", e))?;
+        self.rtc.add_remote_candidate(candidate);
+        Ok(())
+    }
+
+    /// How long since a datagram last arrived (since `since` if none ever did).
+    pub fn quiet_for(&self, since: Instant, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_received.unwrap_or(since).max(since))
+    }
+
+    /// This side's DTLS fingerprint as the offer or answer carries it
+    /// (`sha-256 AB:CD:…`): what the peer's Signal-authenticated copy is checked against.
+    pub fn local_fingerprint(&mut self) -> String {
+        self.rtc.direct_api().local_dtls_fingerprint().to_string()
     }
 
     /// An offer (SDP) with one send-and-receive audio track.
@@ -141,9 +182,38 @@ impl MediaSession {
         Ok(())
     }
 
-    /// Takes the PCM decoded so far.
-    pub fn take_received(&mut self) -> Vec<i16> {
-        self.received.drain(..).collect()
+    /// The next 20 ms frame to play (silence before anything arrived, the
+    /// decoder's concealment for a lost or late packet).
+    pub fn pull_frame(&mut self) -> Result<Vec<i16>> {
+        let mut pcm = vec![0i16; FRAME_SAMPLES * 6];
+        let samples = match self.jitter.pop() {
+            Playout::Packet(packet) => {
+                self.decoder.decode(&packet, &mut pcm, false).map_err(|e| call_error("Opus decoding", e))?
+            }
+            Playout::Conceal => self
+                .decoder
+                .decode(&[], &mut pcm[..FRAME_SAMPLES], false)
+                .map_err(|e| call_error("Opus concealment", e))?,
+            Playout::Silence => FRAME_SAMPLES,
+        };
+        pcm.truncate(samples);
+        Ok(pcm)
+    }
+
+    /// What playout has done so far (frames played, concealed, late, skipped).
+    pub fn jitter_stats(&self) -> JitterStats {
+        self.jitter.stats()
+    }
+
+    /// The frames received so far, decoded (for tests that do not play at a
+    /// real-time pace; like playout, it skips what lies more than the jitter
+    /// buffer's depth behind the newest frame).
+    pub fn drain_received(&mut self) -> Result<Vec<i16>> {
+        let mut out = Vec::new();
+        while !self.jitter.is_empty() {
+            out.extend(self.pull_frame()?);
+        }
+        Ok(out)
     }
 
     /// Feeds the packets that arrived and the time to the engine, sends what
@@ -153,6 +223,7 @@ impl MediaSession {
         loop {
             match self.socket.recv_from(&mut buffer) {
                 Ok((size, source)) => {
+                    self.last_received = Some(now);
                     let Ok(contents) = buffer[..size].try_into() else { continue };
                     let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
                     let input = Input::Receive(now, receive);
@@ -183,12 +254,7 @@ impl MediaSession {
             Event::Connected => self.connected = true,
             Event::IceConnectionStateChange(state) => self.ice = state,
             Event::MediaAdded(added) => self.mid = Some(added.mid),
-            Event::MediaData(data) => {
-                let mut pcm = [0i16; FRAME_SAMPLES * 6];
-                let samples =
-                    self.decoder.decode(&data.data, &mut pcm, false).map_err(|e| call_error("Opus decoding", e))?;
-                self.received.extend(&pcm[..samples]);
-            }
+            Event::MediaData(data) => self.jitter.insert(data.time.numer(), data.data.to_vec()),
             _ => {}
         }
         Ok(())
@@ -237,12 +303,19 @@ mod tests {
         let answer = bob.accept_offer(&offer)?;
         alice.accept_answer(&answer)?;
         assert!(offer.contains("a=fingerprint:"), "the offer carries the DTLS fingerprint");
+        assert!(!offer.contains("a=candidate"), "candidates are trickled, not in the offer");
+        for line in alice.gather()? {
+            bob.add_remote_candidate(&line)?;
+        }
+        for line in bob.gather()? {
+            alice.add_remote_candidate(&line)?;
+        }
         let mut tones = (Tone::new(440.0, SAMPLE_RATE), Tone::new(660.0, SAMPLE_RATE));
         let second = SAMPLE_RATE as usize;
         let (mut at_alice, mut at_bob) = (Vec::new(), Vec::new());
         let heard = run(&mut alice, &mut bob, &mut tones, Duration::from_secs(10), |a, b| {
-            at_alice.extend(a.take_received());
-            at_bob.extend(b.take_received());
+            at_alice.extend(a.drain_received().expect("decodes"));
+            at_bob.extend(b.drain_received().expect("decodes"));
             at_alice.len() >= second && at_bob.len() >= second
         })?;
         assert!(
@@ -260,7 +333,7 @@ mod tests {
         alice.set_muted(true);
         let mut muted = Vec::new();
         run(&mut alice, &mut bob, &mut tones, Duration::from_millis(600), |_, b| {
-            muted.extend(b.take_received());
+            muted.extend(b.drain_received().expect("decodes"));
             false
         })?;
         assert!(alice.is_connected() && bob.is_connected(), "muting ended the call");
@@ -268,7 +341,7 @@ mod tests {
         alice.set_muted(false);
         let mut back = Vec::new();
         run(&mut alice, &mut bob, &mut tones, Duration::from_millis(600), |_, b| {
-            back.extend(b.take_received());
+            back.extend(b.drain_received().expect("decodes"));
             false
         })?;
         assert!(

@@ -1,5 +1,5 @@
-// A real conversation through the generated Kotlin bindings, on the JVM:
-// two clients (the Rust core loaded with JNA) against a real privcomm server
+// A real conversation and a voice call through the generated Kotlin bindings,
+// on the JVM: two clients (the Rust core loaded with JNA) against a real privcomm server
 // whose URL scripts/kotlin-test passes in PRIVCOMM_SERVER. Exits non-zero on
 // any failure.
 package org.privcomm
@@ -8,6 +8,11 @@ import java.nio.file.Files
 import java.util.UUID
 import java.util.concurrent.LinkedBlockingQueue
 import java.util.concurrent.TimeUnit
+import uniffi.privcomm_client.CallEndReason
+import uniffi.privcomm_client.CallInfo
+import uniffi.privcomm_client.CallListener
+import uniffi.privcomm_client.CallSettings
+import uniffi.privcomm_client.CallState
 import uniffi.privcomm_client.ChatMessage
 import uniffi.privcomm_client.Client
 import uniffi.privcomm_client.ClientConfig
@@ -56,6 +61,73 @@ class Recorder : ClientListener {
     fun nextMessage(): ChatMessage = messages.poll(30, TimeUnit.SECONDS) ?: error("no message within 30 s")
 }
 
+/** Call changes, queued (a listener must not call back into the client). */
+class CallRecorder : CallListener {
+    val changes = LinkedBlockingQueue<CallInfo>()
+
+    override fun onCallChanged(call: CallInfo) {
+        changes.put(call)
+    }
+
+    fun await(state: CallState): CallInfo {
+        while (true) {
+            val call = changes.poll(30, TimeUnit.SECONDS) ?: error("no $state call within 30 s")
+            if (call.state == state) return call
+            check(call.state != CallState.ENDED) { "the call ended: $call" }
+        }
+    }
+}
+
+/** One 20 ms frame of a sine tone, continuing from sample [start]. */
+fun tone(hz: Double, start: Int): List<Short> =
+    List(960) { i -> (8000 * Math.sin(2 * Math.PI * hz * (start + i) / 48000)).toInt().toShort() }
+
+/** The frequency from..to Hz (1 Hz steps) with the most power in [pcm] (Goertzel). */
+fun dominant(pcm: List<Short>, from: Int, to: Int): Int = (from..to).maxByOrNull { hz ->
+    val coefficient = 2 * Math.cos(2 * Math.PI * hz / 48000)
+    var (s1, s2) = 0.0 to 0.0
+    for (sample in pcm) {
+        val s0 = sample + coefficient * s1 - s2
+        s2 = s1
+        s1 = s0
+    }
+    s1 * s1 + s2 * s2 - coefficient * s1 * s2
+}!!
+
+/** Alice calls bob through the bindings: both hear the other's tone, then alice hangs up. */
+fun call(alice: Client, bob: Client, bobId: String) {
+    val (aliceCalls, bobCalls) = CallRecorder() to CallRecorder()
+    alice.setCallListener(aliceCalls)
+    bob.setCallListener(bobCalls)
+    val loopback = CallSettings(60_000u, 10_000u, "127.0.0.1")
+    alice.configureCalls(loopback)
+    bob.configureCalls(loopback)
+    val id = alice.startCall(bobId)
+    val incoming = bobCalls.await(CallState.INCOMING)
+    check(incoming.callId == id && !incoming.outgoing) { "bob got $incoming" }
+    bob.acceptCall(id)
+    aliceCalls.await(CallState.CONNECTED)
+    bobCalls.await(CallState.CONNECTED)
+    val (atAlice, atBob) = mutableListOf<Short>() to mutableListOf<Short>()
+    var next = System.nanoTime()
+    for (frame in 0 until 75) {
+        alice.pushAudio(id, tone(440.0, frame * 960))
+        bob.pushAudio(id, tone(660.0, frame * 960))
+        atAlice += alice.pullAudio(id)
+        atBob += bob.pullAudio(id)
+        next += 20_000_000
+        Thread.sleep(maxOf(0, (next - System.nanoTime()) / 1_000_000))
+    }
+    val heardAtBob = dominant(atBob.takeLast(24000), 300, 800)
+    val heardAtAlice = dominant(atAlice.takeLast(24000), 300, 800)
+    check(Math.abs(heardAtBob - 440) <= 5) { "bob heard $heardAtBob Hz, not 440" }
+    check(Math.abs(heardAtAlice - 660) <= 5) { "alice heard $heardAtAlice Hz, not 660" }
+    alice.hangUp(id)
+    check(aliceCalls.await(CallState.ENDED).endReason == CallEndReason.HANGUP)
+    check(bobCalls.await(CallState.ENDED).endReason == CallEndReason.REMOTE_ENDED)
+    println("kotlin call: bob heard $heardAtBob Hz, alice heard $heardAtAlice Hz")
+}
+
 fun main() {
     val server = System.getenv("PRIVCOMM_SERVER") ?: error("set PRIVCOMM_SERVER to the server's URL")
     val dir = Files.createTempDirectory("privcomm-kotlin")
@@ -88,6 +160,8 @@ fun main() {
     val safety = alice.safetyNumber(bobId)
     check(safety.length == 60 && safety == bob.safetyNumber(aliceId)) { "safety numbers differ" }
 
+    call(alice, bob, bobId)
+
     // A wrong store key: a typed error, and the store still opens with the right one.
     alice.close()
     try {
@@ -100,5 +174,5 @@ fun main() {
     check(reopened.messages().size == 2 * count)
     reopened.close()
     bob.close()
-    println("kotlin conversation against $server: OK ($count messages each way)")
+    println("kotlin conversation and call against $server: OK ($count messages each way)")
 }
