@@ -212,13 +212,18 @@ async fn a_call_carries_each_sides_tone_mute_silences_and_either_side_hangs_up(m
     bob.ended(&second, CallEndReason::RemoteEnded).await?;
 
     // The server only ever held ciphertext: neither DTLS fingerprint nor any
-    // SDP is in its events (or, embedded, its files); the search finds what
-    // the server does store (alice's user id).
+    // SDP is in its events (or, embedded, its files; in cluster mode, the
+    // NATS stream the relays read); the search finds what the server does
+    // store (alice's user id).
     assert!(server.holds(alice.user.as_bytes()).await?, "the byte search finds nothing at all");
+    if matches!(mode, Mode::Cluster) {
+        assert!(server.stream_holds(alice.user.as_bytes()).await?, "the stream search finds nothing at all");
+    }
     for needle in
         [fingerprints.0.as_str(), fingerprints.1.as_str(), "a=fingerprint", "a=ice-ufrag", "candidate:", id.as_str()]
     {
         assert!(!server.holds(needle.as_bytes()).await?, "the server holds {needle:?} in plaintext");
+        assert!(!server.stream_holds(needle.as_bytes()).await?, "the NATS stream holds {needle:?} in plaintext");
     }
     alice.client.close().await;
     bob.client.close().await;

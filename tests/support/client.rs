@@ -99,6 +99,24 @@ impl TestServer {
         Ok(found)
     }
 
+    /// Whether any message in the server's NATS stream holds `needle`
+    /// (cluster mode; embedded mode has no stream: `false`).
+    pub async fn stream_holds(&self, needle: &[u8]) -> Result<bool, Error> {
+        if !matches!(self.mode, Mode::Cluster) {
+            return Ok(false);
+        }
+        let jetstream = async_nats::jetstream::new(async_nats::connect(super::nats_url()).await?);
+        let stream = jetstream.get_stream(&self.stream).await?;
+        let state = stream.get_info().await?.state;
+        for sequence in state.first_sequence..=state.last_sequence {
+            let message = stream.get_raw_message(sequence).await?;
+            if message.payload.windows(needle.len()).any(|w| w == needle) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Events stored so far.
     pub async fn events(&self) -> Result<i64, Error> {
         let db = privcomm::projector::open_read_db(&self.database_url()).await?;

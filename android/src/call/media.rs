@@ -350,4 +350,39 @@ mod tests {
         );
         Ok(())
     }
+
+    #[test]
+    fn a_peer_whose_certificate_does_not_match_the_signalled_fingerprint_is_refused() -> Result<()> {
+        let now = Instant::now();
+        let loopback: IpAddr = "127.0.0.1".parse().map_err(|e| call_error("address", e))?;
+        let (mut alice, mut bob) = (MediaSession::new(loopback, now)?, MediaSession::new(loopback, now)?);
+        let offer = alice.create_offer()?;
+        // Someone between them swapped the fingerprint bob is told to expect.
+        let genuine = alice.local_fingerprint();
+        let forged = format!("sha-256 {}", vec!["AB"; 32].join(":"));
+        assert!(offer.contains(&genuine));
+        let answer = bob.accept_offer(&offer.replace(&genuine, &forged))?;
+        alice.accept_answer(&answer)?;
+        for line in alice.gather()? {
+            bob.add_remote_candidate(&line)?;
+        }
+        for line in bob.gather()? {
+            alice.add_remote_candidate(&line)?;
+        }
+        let started = Instant::now();
+        let mut refused = None;
+        while started.elapsed() < Duration::from_secs(5) && refused.is_none() {
+            let now = Instant::now();
+            let _ = alice.drive(now);
+            if let Err(error) = bob.drive(now) {
+                refused = Some(error);
+            }
+            assert!(!bob.is_connected(), "bob connected to a certificate he was not told about");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let refused =
+            refused.ok_or_else(|| ClientError::Call("the forged fingerprint went unnoticed for 5 s".into()))?;
+        assert!(refused.to_string().contains("fingerprint"), "{refused}");
+        Ok(())
+    }
 }
