@@ -453,13 +453,14 @@ pub async fn start_call(calls: &Arc<Calls>, signaller: Rc<dyn Signaller>, to: &s
     let candidates = media.gather()?;
     let id = uuid::Uuid::now_v7().to_string();
     let call = calls.register(calls.new_call(id.clone(), to, true, media))?;
+    // Heard before anything is sent, so that no answer can overtake it.
+    if let Some(listener) = lock(&calls.listener).clone() {
+        listener.on_call_changed(call.info());
+    }
     tokio::task::spawn_local(run(calls.clone(), signaller.clone(), call.clone()));
     send(calls, &*signaller, &call, CallSignal::Offer { call_id: id.clone(), sdp: offer }).await?;
     for candidate in candidates {
         send(calls, &*signaller, &call, CallSignal::Candidate { call_id: id.clone(), candidate }).await?;
-    }
-    if let Some(listener) = lock(&calls.listener).clone() {
-        listener.on_call_changed(call.info());
     }
     Ok(id)
 }
@@ -483,11 +484,12 @@ pub async fn accept_call(calls: &Calls, signaller: &dyn Signaller, call_id: &str
             return Err(error);
         }
     };
+    // Answered: the ring time no longer applies, the ICE time does.
+    calls.set(&call, CallState::Connecting, None, "");
     send(calls, signaller, &call, CallSignal::Answer { call_id: call.id.clone(), sdp: answer }).await?;
     for candidate in candidates {
         send(calls, signaller, &call, CallSignal::Candidate { call_id: call.id.clone(), candidate }).await?;
     }
-    calls.set(&call, CallState::Connecting, None, "");
     Ok(())
 }
 
