@@ -219,6 +219,12 @@ impl MediaSession {
     /// Feeds the packets that arrived and the time to the engine, sends what
     /// it wants sent, handles its events; returns when to drive it next.
     pub fn drive(&mut self, now: Instant) -> Result<Instant> {
+        // As str0m wants it driven: after every input, its output until it
+        // asks for a timeout — so a packet is handled in the state the
+        // previous one left (a DTLS hello right behind the ICE nomination
+        // that enables DTLS is not dropped).
+        self.rtc.handle_input(Input::Timeout(now)).map_err(|e| call_error("media", e))?;
+        let mut deadline = self.poll(now)?;
         let mut buffer = [0u8; 2000];
         loop {
             match self.socket.recv_from(&mut buffer) {
@@ -230,13 +236,18 @@ impl MediaSession {
                     // Anything that is not this call's STUN, DTLS or SRTP is dropped.
                     if self.rtc.accepts(&input) {
                         self.rtc.handle_input(input).map_err(|e| call_error("media", e))?;
+                        deadline = self.poll(now)?;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(deadline),
                 Err(e) => return Err(call_error("receiving media", e)),
             }
         }
-        self.rtc.handle_input(Input::Timeout(now)).map_err(|e| call_error("media", e))?;
+    }
+
+    /// Sends what the engine wants sent and handles its events, until it
+    /// asks to be woken (at most 20 ms from `now`).
+    fn poll(&mut self, now: Instant) -> Result<Instant> {
         loop {
             match self.rtc.poll_output().map_err(|e| call_error("media", e))? {
                 Output::Timeout(at) => return Ok(at.min(now + Duration::from_millis(20))),
