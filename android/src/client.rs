@@ -86,7 +86,8 @@ pub trait ClientListener: Send + Sync {
     fn on_send_failed(&self, message_id: String, reason: String);
     /// A contact's identity key changed. Their messages are held (not
     /// acknowledged, not shown) until `trust_identity` is called; compare
-    /// `safety_number` with them first.
+    /// `safety_number` with them first. Told once per change (and again
+    /// after the client is reopened), however many messages are held.
     fn on_identity_changed(&self, contact: String, safety_number: String);
     /// A message that can never be decrypted was received and dropped.
     fn on_undecryptable(&self, from: String, reason: String);
@@ -149,6 +150,8 @@ struct Runner {
     call_inbox: mpsc::UnboundedSender<(String, CallSignal, u64)>,
     /// Call signals sent and not yet confirmed by the relay: message id → call id.
     signals_in_flight: RefCell<std::collections::HashMap<String, String>>,
+    /// Contacts whose identity change the app was told of (once each, until trusted).
+    told_identity_changed: RefCell<std::collections::HashSet<String>>,
 }
 
 /// What the connection task sends.
@@ -217,6 +220,8 @@ impl Client {
         self.call(move |r| {
             Box::pin(async move {
                 let held = r.core.trust_identity(&contact)?;
+                // A later change is news again.
+                r.told_identity_changed.borrow_mut().remove(&contact);
                 let mut outcomes = Vec::with_capacity(held.len());
                 for (id, kind, body) in held {
                     outcomes.push((r.core.receive_held(&id, &contact, &kind, &body).await?, id));
@@ -431,6 +436,7 @@ impl Client {
                         calls: thread_calls,
                         call_inbox,
                         signals_in_flight: RefCell::default(),
+                        told_identity_changed: RefCell::default(),
                     });
                     tokio::task::spawn_local(Runner::call_signals(runner.clone(), signals));
                     while let Some(job) = queue.recv().await {
@@ -523,8 +529,11 @@ impl Runner {
                 true
             }
             Incoming::Held { from } => {
-                let number = self.core.safety_number(&from).unwrap_or_default();
-                self.listener.on_identity_changed(from, number);
+                // Once per contact (and again after a restart), not once per held message.
+                if self.told_identity_changed.borrow_mut().insert(from.clone()) {
+                    let number = self.core.safety_number(&from).unwrap_or_default();
+                    self.listener.on_identity_changed(from, number);
+                }
                 false
             }
             Incoming::Undecryptable { from, reason } => {
