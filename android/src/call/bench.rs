@@ -138,13 +138,7 @@ pub fn run(server: &str, calls: usize, onsets: usize, dir: &Path) -> Result<Call
         if share > 0 {
             let phase = Duration::from_micros(rand::random::<u64>() % 20_000);
             figures.latency_ms.extend(latency(&a.client, &b.client, &id, share, phase)?);
-            let stats = b.client.call_jitter_stats(&id)?;
-            let total = &mut figures.playout;
-            total.played += stats.played;
-            total.lost += stats.lost;
-            total.late += stats.late;
-            total.skipped += stats.skipped;
-            total.too_late += stats.too_late;
+            figures.playout += b.client.call_jitter_stats(&id)?;
         }
         a.client.hang_up(id.clone())?;
         a.wait(|c| c.call_id == id && c.state == CallState::Ended)?;

@@ -46,6 +46,16 @@ pub struct JitterStats {
     pub too_late: u64,
 }
 
+impl std::ops::AddAssign for JitterStats {
+    fn add_assign(&mut self, other: JitterStats) {
+        self.played += other.played;
+        self.lost += other.lost;
+        self.late += other.late;
+        self.skipped += other.skipped;
+        self.too_late += other.too_late;
+    }
+}
+
 /// Packets waiting to be played, keyed by RTP time in samples.
 #[derive(Debug)]
 pub struct JitterBuffer {

@@ -305,22 +305,29 @@ mod tests {
         Ok(false)
     }
 
-    #[test]
-    fn two_sessions_on_loopback_connect_and_each_hears_the_others_tone_and_silence_when_muted() -> Result<()> {
+    /// Two sessions on loopback that exchanged offer (passed through
+    /// `on_the_way` to bob), answer and candidates, as the signalling does.
+    fn negotiated(on_the_way: impl Fn(&str) -> String) -> Result<(MediaSession, MediaSession, String)> {
         let now = Instant::now();
         let loopback: IpAddr = "127.0.0.1".parse().map_err(|e| call_error("address", e))?;
         let (mut alice, mut bob) = (MediaSession::new(loopback, now)?, MediaSession::new(loopback, now)?);
         let offer = alice.create_offer()?;
-        let answer = bob.accept_offer(&offer)?;
+        let answer = bob.accept_offer(&on_the_way(&offer))?;
         alice.accept_answer(&answer)?;
-        assert!(offer.contains("a=fingerprint:"), "the offer carries the DTLS fingerprint");
-        assert!(!offer.contains("a=candidate"), "candidates are trickled, not in the offer");
         for line in alice.gather()? {
             bob.add_remote_candidate(&line)?;
         }
         for line in bob.gather()? {
             alice.add_remote_candidate(&line)?;
         }
+        Ok((alice, bob, offer))
+    }
+
+    #[test]
+    fn two_sessions_on_loopback_connect_and_each_hears_the_others_tone_and_silence_when_muted() -> Result<()> {
+        let (mut alice, mut bob, offer) = negotiated(str::to_owned)?;
+        assert!(offer.contains("a=fingerprint:"), "the offer carries the DTLS fingerprint");
+        assert!(!offer.contains("a=candidate"), "candidates are trickled, not in the offer");
         let mut tones = (Tone::new(440.0, SAMPLE_RATE), Tone::new(660.0, SAMPLE_RATE));
         let second = SAMPLE_RATE as usize;
         let (mut at_alice, mut at_bob) = (Vec::new(), Vec::new());
@@ -364,22 +371,15 @@ mod tests {
 
     #[test]
     fn a_peer_whose_certificate_does_not_match_the_signalled_fingerprint_is_refused() -> Result<()> {
-        let now = Instant::now();
-        let loopback: IpAddr = "127.0.0.1".parse().map_err(|e| call_error("address", e))?;
-        let (mut alice, mut bob) = (MediaSession::new(loopback, now)?, MediaSession::new(loopback, now)?);
-        let offer = alice.create_offer()?;
         // Someone between them swapped the fingerprint bob is told to expect.
-        let genuine = alice.local_fingerprint();
         let forged = format!("sha-256 {}", vec!["AB"; 32].join(":"));
-        assert!(offer.contains(&genuine));
-        let answer = bob.accept_offer(&offer.replace(&genuine, &forged))?;
-        alice.accept_answer(&answer)?;
-        for line in alice.gather()? {
-            bob.add_remote_candidate(&line)?;
-        }
-        for line in bob.gather()? {
-            alice.add_remote_candidate(&line)?;
-        }
+        let swap = |offer: &str| {
+            let genuine = offer.lines().find_map(|l| l.strip_prefix("a=fingerprint:")).expect("a fingerprint");
+            offer.replace(genuine, &forged)
+        };
+        let (mut alice, mut bob, offer) = negotiated(swap)?;
+        assert!(offer.contains(&format!("a=fingerprint:{}", alice.local_fingerprint())));
+        assert!(!swap(&offer).contains(&alice.local_fingerprint()), "nothing was forged");
         let started = Instant::now();
         let mut refused = None;
         while started.elapsed() < Duration::from_secs(5) && refused.is_none() {
