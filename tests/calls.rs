@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 in_both_modes!(
     a_call_carries_each_sides_tone_mute_silences_and_either_side_hangs_up,
     a_call_ends_rejected_busy_or_unanswered_on_both_sides,
+    two_people_who_call_each_other_at_once_get_one_call,
     a_peer_that_vanishes_mid_call_ends_it_with_ice_failed,
 );
 
@@ -287,6 +288,63 @@ async fn a_call_ends_rejected_busy_or_unanswered_on_both_sides(mode: Mode) -> Te
     );
 
     for phone in [alice, bob, carol] {
+        phone.client.close().await;
+    }
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn two_people_who_call_each_other_at_once_get_one_call(mode: Mode) -> TestResult {
+    let server = TestServer::start(mode).await?;
+    let dir = TempDir::new();
+    let mut alice = Phone::open(&dir, "alice", 46, &server, settings()).await?;
+    let mut bob = Phone::open(&dir, "bob", 47, &server, settings()).await?;
+
+    // Both dial at once. Should one offer arrive before the other side
+    // dialled, that side's call is refused (no glare): hang up and try again.
+    let mut crossed = None;
+    for _ in 0..10 {
+        let (a, b) = tokio::join!(alice.start_call(&bob.user), bob.start_call(&alice.user));
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                crossed = Some((a, b));
+                break;
+            }
+            (Ok(id), Err(ClientError::Invalid { .. })) => {
+                alice.on(&id, Client::hang_up).await?;
+                alice.ended(&id, CallEndReason::Hangup).await?;
+                bob.ended(&id, CallEndReason::RemoteEnded).await?;
+            }
+            (Err(ClientError::Invalid { .. }), Ok(id)) => {
+                bob.on(&id, Client::hang_up).await?;
+                bob.ended(&id, CallEndReason::Hangup).await?;
+                alice.ended(&id, CallEndReason::RemoteEnded).await?;
+            }
+            other => return Err(format!("dialling at once: {other:?}").into()),
+        }
+    }
+    let (a, b) = crossed.ok_or("in 10 tries the calls never crossed")?;
+
+    // The greater id rings at the other side; the smaller gives way there, and nobody is busy.
+    let (winner, loser, id, yielded) = if a > b { (&mut alice, &mut bob, a, b) } else { (&mut bob, &mut alice, b, a) };
+    loser.ended(&yielded, CallEndReason::Glare).await?;
+    let ringing = loser.state(&id, CallState::Incoming).await?;
+    assert_eq!(ringing.peer, winner.user);
+    loser.on(&id, Client::accept_call).await?;
+    winner.state(&id, CallState::Connected).await?;
+    loser.state(&id, CallState::Connected).await?;
+    let (w, l) = (winner.handle().active_calls(), loser.handle().active_calls());
+    assert_eq!((w.len(), l.len(), w[0].call_id == id), (1, 1, true), "{w:?} {l:?}");
+    winner.on(&id, Client::hang_up).await?;
+    winner.ended(&id, CallEndReason::Hangup).await?;
+    loser.ended(&id, CallEndReason::RemoteEnded).await?;
+    for phone in [&mut alice, &mut bob] {
+        while let Ok(call) = phone.calls.try_recv() {
+            assert_ne!(call.end_reason, Some(CallEndReason::Busy), "{call:?}");
+        }
+    }
+
+    for phone in [alice, bob] {
         phone.client.close().await;
     }
     server.cleanup().await;

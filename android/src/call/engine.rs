@@ -14,7 +14,9 @@
 //! 10 s by default) or `Failed` (the call could not be set up or signalled).
 //!
 //! One call at a time: an offer while another call is not ended is answered
-//! busy. An offer older than the ring time (delivered late, after the
+//! busy, except glare: when two people call each other at the same moment,
+//! the call with the greater id goes on ringing and the other gives way
+//! (`Glare`) on both sides, without either being busy. An offer older than the ring time (delivered late, after the
 //! recipient was offline) is dropped. Signals for a call from anyone but its
 //! peer are ignored.
 //!
@@ -145,6 +147,9 @@ pub enum CallEndReason {
     IceFailed,
     /// The call could not be set up or signalled (see the detail).
     Failed,
+    /// The peer called at the same moment and this call gave way to theirs,
+    /// which rings here as an incoming call (the call with the greater id wins).
+    Glare,
 }
 
 /// A call as the app sees it.
@@ -543,6 +548,25 @@ pub async fn on_signal(
                 tracing::info!(%call_id, "dropped an offer with a bad or known call id");
                 return;
             }
+            // Glare: both called at once. Both sides compare the same two ids.
+            let crossing = lock(&calls.calls)
+                .values()
+                .find(|c| c.peer == from && c.outgoing && c.state() == CallState::Outgoing)
+                .cloned();
+            if let Some(ours) = crossing {
+                if ours.id > call_id {
+                    tracing::info!(%call_id, "glare: our call wins; theirs gives way when our offer arrives");
+                    return;
+                }
+                if calls.end(
+                    &ours,
+                    CallEndReason::Glare,
+                    "the peer called at the same moment; their call rings instead",
+                ) {
+                    // Should their call have ended meanwhile and ours rung there.
+                    tell_hangup(&*signaller, &ours, HangupReason::Hangup).await;
+                }
+            }
             let busy = lock(&calls.listener).is_none() || !lock(&calls.calls).is_empty();
             let media = if busy {
                 Err(ClientError::Call("busy".into()))
@@ -764,6 +788,55 @@ mod tests {
             let last = lock(&heard.0).last().cloned().expect("heard");
             assert_eq!((last.state, last.end_reason), (CallState::Ended, Some(CallEndReason::RemoteEnded)));
             assert!(matches!(calls.pull_audio(&first), Err(ClientError::Invalid { .. })));
+        });
+    }
+
+    #[test]
+    fn when_two_call_each_other_at_once_the_greater_call_id_rings_and_nobody_is_busy() {
+        local(async {
+            let calls = Arc::new(Calls::new("http://127.0.0.1:1"));
+            calls
+                .configure(CallSettings { media_ip: Some("127.0.0.1".into()), ..CallSettings::default() })
+                .expect("valid settings");
+            let heard = Arc::new(Heard(Mutex::default()));
+            calls.set_listener(heard.clone());
+            let signaller = Rc::new(Recorded::default());
+            let ours = start_call(&calls, signaller.clone(), "x").await.expect("the call starts");
+            let sent = signaller.0.borrow().len();
+            let now = crate::signal::now_ms();
+            // UUIDv7 ids of now lie between these two.
+            let (smaller, greater) =
+                ("00000000-0000-7000-8000-000000000000".to_owned(), "ffffffff-ffff-7fff-bfff-ffffffffffff".to_owned());
+            assert!(smaller < ours && ours < greater);
+
+            // Their offer has the smaller id: ours wins; theirs is dropped without a busy.
+            on_signal(&calls, signaller.clone(), "x", offer(&smaller), now).await;
+            assert_eq!(signaller.0.borrow().len(), sent, "nothing was answered to the call that gives way");
+            let active = calls.active();
+            assert_eq!(
+                (active.len(), active[0].call_id.as_str(), active[0].state),
+                (1, ours.as_str(), CallState::Outgoing)
+            );
+
+            // Someone else calling at the same time is busy, glare or not.
+            on_signal(&calls, signaller.clone(), "y", offer(&greater), now).await;
+            let busy = CallSignal::Hangup { call_id: greater.clone(), reason: HangupReason::Busy };
+            assert_eq!(signaller.0.borrow().last(), Some(&("y".to_owned(), busy)));
+            assert_eq!(calls.active().len(), 1);
+
+            // Their offer has the greater id: ours gives way, theirs rings.
+            on_signal(&calls, signaller.clone(), "x", offer(&greater), now).await;
+            let withdrawn = CallSignal::Hangup { call_id: ours.clone(), reason: HangupReason::Hangup };
+            assert_eq!(signaller.0.borrow().last(), Some(&("x".to_owned(), withdrawn)));
+            let active = calls.active();
+            assert_eq!(
+                (active.len(), active[0].call_id.as_str(), active[0].state, active[0].outgoing),
+                (1, greater.as_str(), CallState::Incoming, false)
+            );
+            let heard = lock(&heard.0).clone();
+            let ended = heard.iter().find(|c| c.call_id == ours && c.state == CallState::Ended).expect("ours ended");
+            assert_eq!(ended.end_reason, Some(CallEndReason::Glare));
+            assert_eq!(heard.last().map(|c| (c.call_id.clone(), c.state)), Some((greater, CallState::Incoming)));
         });
     }
 
