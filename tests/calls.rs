@@ -8,11 +8,13 @@ mod support;
 
 use privcomm_client::call::media::{FRAME_SAMPLES, SAMPLE_RATE};
 use privcomm_client::call::tone::{Tone, dominant, rms};
+use privcomm_client::call::turn::TurnState;
 use privcomm_client::{CallEndReason, CallInfo, CallListener, CallSettings, CallState, Client, ClientError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::api::Mode;
+use support::api::{Mode, TURN_SECRET};
 use support::client::{Error, TestClient, TestServer, blocking, phone, store_key};
+use support::turn::Coturn;
 use support::{TempDir, TestResult};
 use tokio::sync::mpsc;
 
@@ -20,6 +22,7 @@ in_both_modes!(
     a_call_carries_each_sides_tone_mute_silences_and_either_side_hangs_up,
     a_call_ends_rejected_busy_or_unanswered_on_both_sides,
     two_people_who_call_each_other_at_once_get_one_call,
+    a_relay_only_call_goes_through_the_turn_relay_and_ends_when_it_goes,
     a_peer_that_vanishes_mid_call_ends_it_with_ice_failed,
 );
 
@@ -143,6 +146,18 @@ async fn talk(
     .await
 }
 
+/// 440 Hz from `a` is heard at `b` and 660 Hz from `b` at `a` (1.5 s of
+/// talk at the 20 ms pace, the last 500 ms judged).
+async fn each_hears_the_others_tone(a: &Phone, b: &Phone, call: &str) -> Result<(), Error> {
+    let (at_a, at_b) = talk(a.handle(), b.handle(), call, (440.0, 660.0), Duration::from_millis(1500)).await?;
+    let heard_at_b = dominant(last(&at_b, 500), 300, 800, SAMPLE_RATE);
+    let heard_at_a = dominant(last(&at_a, 500), 300, 800, SAMPLE_RATE);
+    assert!(heard_at_b.abs_diff(440) <= 5, "the callee heard {heard_at_b} Hz, not 440");
+    assert!(heard_at_a.abs_diff(660) <= 5, "the caller heard {heard_at_a} Hz, not 660");
+    assert!(rms(last(&at_b, 500)) > 3_000.0, "the callee's audio is too quiet to be the tone");
+    Ok(())
+}
+
 /// The last `ms` milliseconds of `pcm`.
 fn last(pcm: &[i16], ms: usize) -> &[i16] {
     &pcm[pcm.len().saturating_sub(SAMPLE_RATE as usize * ms / 1000)..]
@@ -165,13 +180,7 @@ async fn a_call_carries_each_sides_tone_mute_silences_and_either_side_hangs_up(m
     };
 
     // 440 Hz from alice is heard at bob, 660 Hz from bob at alice.
-    let (at_alice, at_bob) =
-        talk(alice.handle(), bob.handle(), &id, (440.0, 660.0), Duration::from_millis(1500)).await?;
-    let heard_at_bob = dominant(last(&at_bob, 500), 300, 800, SAMPLE_RATE);
-    let heard_at_alice = dominant(last(&at_alice, 500), 300, 800, SAMPLE_RATE);
-    assert!(heard_at_bob.abs_diff(440) <= 5, "bob heard {heard_at_bob} Hz, not 440");
-    assert!(heard_at_alice.abs_diff(660) <= 5, "alice heard {heard_at_alice} Hz, not 660");
-    assert!(rms(last(&at_bob, 500)) > 3_000.0, "bob's audio is too quiet to be the tone");
+    each_hears_the_others_tone(&alice, &bob, &id).await?;
 
     // Muted, alice sends silence; the call stays connected; unmuted, the tone is back.
     let (a, i) = (alice.handle(), id.clone());
@@ -345,6 +354,65 @@ async fn two_people_who_call_each_other_at_once_get_one_call(mode: Mode) -> Test
     }
 
     for phone in [alice, bob] {
+        phone.client.close().await;
+    }
+    server.cleanup().await;
+    Ok(())
+}
+
+async fn a_relay_only_call_goes_through_the_turn_relay_and_ends_when_it_goes(mode: Mode) -> TestResult {
+    let mut coturn = Coturn::start(TURN_SECRET)?;
+    let probe =
+        format!("{}:probe", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 600);
+    coturn.ready(&probe, &privcomm_api::calls::credential(TURN_SECRET.as_bytes(), &probe)).await?;
+    let server = TestServer::start_with(mode, &[("TURN_URLS", &coturn.url()), ("TURN_SECRET", TURN_SECRET)]).await?;
+    let dir = TempDir::new();
+    let after = Duration::from_secs(2);
+    let relay_only = CallSettings { relay_only: true, ice_failed_after_ms: after.as_millis() as u64, ..settings() };
+    let mut alice = Phone::open(&dir, "alice", 48, &server, relay_only.clone()).await?;
+    let mut bob = Phone::open(&dir, "bob", 49, &server, relay_only).await?;
+
+    // Neither side offers its own address: the call connects through the
+    // relays coturn granted with credentials from the API, tones both ways.
+    let id = connected_call(&mut alice, &mut bob).await?;
+    for phone in [&alice, &bob] {
+        let relay = phone.handle().call_relay(&id)?;
+        assert!(matches!(relay, Some(TurnState::Allocated(_))), "{relay:?}");
+    }
+    each_hears_the_others_tone(&alice, &bob, &id).await?;
+
+    // The relay goes away: with no other path, both sides lose the call.
+    coturn.kill();
+    let (a, b, i) = (alice.handle(), bob.handle(), id.clone());
+    // Both keep talking (a silent call ends as IceFailed too; this one must end for want of a path).
+    let frames = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let (mut a_on, mut b_on) = (true, true);
+        while (a_on || b_on) && started.elapsed() < Duration::from_secs(30) {
+            a_on = a_on && a.push_audio(i.clone(), vec![0; FRAME_SAMPLES]).is_ok();
+            b_on = b_on && b.push_audio(i.clone(), vec![0; FRAME_SAMPLES]).is_ok();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    alice.ended(&id, CallEndReason::IceFailed).await?;
+    bob.ended(&id, CallEndReason::IceFailed).await?;
+    frames.await?;
+
+    for phone in [alice, bob] {
+        phone.client.close().await;
+    }
+    server.cleanup().await;
+
+    // Relay only where the server has no relay: the call fails and says why.
+    let server = TestServer::start(mode).await?;
+    let relay_only = CallSettings { relay_only: true, ..settings() };
+    let mut carol = Phone::open(&dir, "carol", 50, &server, relay_only).await?;
+    let mut dave = Phone::open(&dir, "dave", 51, &server, settings()).await?;
+    let id = carol.start_call(&dave.user).await?;
+    let failed = carol.ended(&id, CallEndReason::Failed).await?;
+    assert!(failed.detail.contains("relay only") && failed.detail.contains("no TURN relay"), "{failed:?}");
+    dave.ended(&id, CallEndReason::IceFailed).await?;
+    for phone in [carol, dave] {
         phone.client.close().await;
     }
     server.cleanup().await;

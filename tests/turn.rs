@@ -1,77 +1,18 @@
-//! TURN credentials from `GET /v1/calls/turn` against a real coturn
-//! (`use-auth-secret` with the API's secret, on loopback): issued credentials
-//! allocate a relay and carry packets; forged and expired ones are refused.
+//! TURN against a real coturn (`use-auth-secret` with the API's secret, on
+//! loopback): credentials from `GET /v1/calls/turn` allocate a relay and
+//! carry packets, forged and expired ones are refused; the client's own TURN
+//! client (`privcomm_client::call::turn`) allocates, carries data to a
+//! permitted peer, and reports a refused credential. A whole call through
+//! the relay is in `tests/calls.rs`.
 
 #[macro_use]
 mod support;
 
+use privcomm_client::call::turn::{TurnClient, TurnState};
 use privcomm_domain::Clock as _;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 use support::TestResult;
 use support::api::{Client, Mode, TURN_SECRET, TestApi, generous_limits};
-
-/// A coturn process on loopback, killed on drop.
-struct Coturn {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn missing_coturn() -> String {
-    "coturn is not installed (turnserver and turnutils_uclient); `scripts/test` installs it, or run `apt-get install coturn`"
-        .into()
-}
-
-/// A port free for both UDP and TCP on loopback (coturn listens on both).
-fn free_port() -> Result<u16, String> {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        let port = udp.local_addr().map_err(|e| e.to_string())?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err("no port free for both UDP and TCP".into())
-}
-
-impl Coturn {
-    fn start(secret: &str) -> Result<Coturn, String> {
-        let port = free_port()?;
-        // Relay ports: a window of 100 near the listening port's, for parallel runs.
-        let min = 20_000 + (port % 400) * 100;
-        let child = Command::new("turnserver")
-            .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", "--no-tls", "--no-dtls", "--no-cli"])
-            .args(["--use-auth-secret", "--realm=privcomm.test", "--allow-loopback-peers", "--log-file=stdout"])
-            .arg(format!("--listening-port={port}"))
-            .arg(format!("--static-auth-secret={secret}"))
-            .arg(format!("--min-port={min}"))
-            .arg(format!("--max-port={}", min + 99))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| if e.kind() == std::io::ErrorKind::NotFound { missing_coturn() } else { e.to_string() })?;
-        Ok(Coturn { child, port })
-    }
-
-    /// Allocates a relay with `username`/`credential` and sends packets through it
-    /// (`turnutils_uclient`); true if every packet came back.
-    fn relays(&self, username: &str, credential: &str) -> Result<bool, String> {
-        let output = Command::new("turnutils_uclient")
-            .args(["-y", "-n", "3", "-m", "1", "-l", "100", "-u", username, "-w", credential])
-            .args(["-p", &self.port.to_string(), "127.0.0.1"])
-            .output()
-            .map_err(|e| if e.kind() == std::io::ErrorKind::NotFound { missing_coturn() } else { e.to_string() })?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-        Ok(output.status.success() && text.contains("Total lost packets 0") && !text.contains("ERROR"))
-    }
-}
+use support::turn::Coturn;
 
 #[tokio::test]
 async fn issued_turn_credentials_allocate_a_relay_and_forged_or_expired_ones_do_not() -> TestResult {
@@ -100,15 +41,7 @@ async fn issued_turn_credentials_allocate_a_relay_and_forged_or_expired_ones_do_
 
     // Issued now: coturn allocates a relay and packets go through (it may
     // take a moment to listen).
-    let mut allocated = false;
-    for _ in 0..50 {
-        if coturn.relays(&username, &credential)? {
-            allocated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(allocated, "coturn did not allocate a relay with credentials the API issued");
+    coturn.ready(&username, &credential).await.map_err(|e| format!("credentials the API issued: {e}"))?;
 
     // Forged: the username under another secret, or the credential with another expiry.
     let forged = privcomm_api::calls::credential(b"not the secret", &username);
@@ -125,5 +58,90 @@ async fn issued_turn_credentials_allocate_a_relay_and_forged_or_expired_ones_do_
     // The fresh one still works.
     assert!(coturn.relays(&username, &credential)?);
     api.shutdown().await;
+    Ok(())
+}
+
+/// Drives `turn` on `socket` until `done` holds or 5 s pass; returns what
+/// came through the relay meanwhile.
+fn drive(
+    socket: &std::net::UdpSocket,
+    turn: &mut TurnClient,
+    done: impl Fn(&TurnClient, &[(std::net::SocketAddr, Vec<u8>)]) -> bool,
+) -> Result<Vec<(std::net::SocketAddr, Vec<u8>)>, String> {
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 2000];
+    while !done(turn, &received) {
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            return Err(format!("not done within 5 s: {:?}", turn.state()));
+        }
+        for datagram in turn.take_outgoing() {
+            socket.send_to(&datagram, turn.server()).map_err(|e| e.to_string())?;
+        }
+        match socket.recv_from(&mut buffer) {
+            Ok((size, from)) if from == turn.server() => {
+                received.extend(turn.handle(&buffer[..size], std::time::Instant::now()));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        turn.handle_timeout(std::time::Instant::now());
+    }
+    Ok(received)
+}
+
+#[test]
+fn the_clients_turn_allocation_carries_data_to_a_permitted_peer_and_a_forged_credential_is_refused() -> TestResult {
+    let coturn = Coturn::start(TURN_SECRET)?;
+    let server: std::net::SocketAddr = format!("127.0.0.1:{}", coturn.port).parse()?;
+    let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 600;
+    let issue = |user: &str| {
+        let username = format!("{expiry}:{user}");
+        let credential = privcomm_api::calls::credential(TURN_SECRET.as_bytes(), &username);
+        (username, credential)
+    };
+    let socket = || -> Result<std::net::UdpSocket, std::io::Error> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+        Ok(socket)
+    };
+    let allocated = |t: &TurnClient, _: &[_]| t.state() != &TurnState::Allocating;
+    // coturn takes a moment to listen: the client's own retries cover it.
+    let (a_socket, b_socket) = (socket()?, socket()?);
+    let ((a_user, a_credential), (b_user, b_credential)) = (issue("alice"), issue("bob"));
+    let now = std::time::Instant::now();
+    let mut alice = TurnClient::new(server, &a_user, &a_credential, now);
+    let mut bob = TurnClient::new(server, &b_user, &b_credential, now);
+    drive(&a_socket, &mut alice, allocated)?;
+    drive(&b_socket, &mut bob, allocated)?;
+    let (a_relay, b_relay) = (alice.relayed().ok_or("alice has no relay")?, bob.relayed().ok_or("bob has no relay")?);
+
+    // Bob lets alice's relay in (granted once nothing is pending: the next
+    // timer is a refresh minutes away); alice sends to bob's relayed address.
+    bob.permit(a_relay.ip(), std::time::Instant::now());
+    drive(&b_socket, &mut bob, |t, _| {
+        t.next_timeout().is_some_and(|at| at > now + std::time::Duration::from_secs(60))
+    })?;
+    let mut got = Vec::new();
+    for attempt in 0..20 {
+        let wrapped = alice.wrap(b_relay, format!("hello {attempt}").as_bytes(), std::time::Instant::now());
+        for datagram in alice.take_outgoing().into_iter().chain(wrapped) {
+            a_socket.send_to(&datagram, server)?;
+        }
+        got = drive(&b_socket, &mut bob, |_, r| !r.is_empty()).unwrap_or_default();
+        if !got.is_empty() {
+            break;
+        }
+    }
+    let (from, data) = got.first().ok_or("nothing came through alice's relay to bob's")?;
+    assert_eq!(*from, a_relay, "bob sees alice's relayed address, not her own");
+    assert!(data.starts_with(b"hello"), "{data:?}");
+
+    // A credential signed with another secret: refused, and said so.
+    let forged = privcomm_api::calls::credential(b"not the secret", &a_user);
+    let mut mallory = TurnClient::new(server, &a_user, &forged, std::time::Instant::now());
+    drive(&socket()?, &mut mallory, allocated)?;
+    assert!(matches!(mallory.state(), TurnState::Failed(why) if why.contains("401")), "{:?}", mallory.state());
     Ok(())
 }

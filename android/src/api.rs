@@ -85,6 +85,17 @@ impl Api {
         Ok((answer["one_time"].as_u64().unwrap_or(0), answer["kyber"].as_u64().unwrap_or(0)))
     }
 
+    /// `GET /v1/calls/turn` → a TURN credential, or `None` where the server
+    /// has no TURN relay configured (503 `not_configured`).
+    pub async fn turn(&self, token: &str) -> Result<Option<crate::call::turn::TurnCredential>> {
+        let answer = self.send(self.http.get(format!("{}/v1/calls/turn", self.base)).bearer_auth(token)).await;
+        let answer = match answer {
+            Err(ClientError::Server { status: 503, .. }) => return Ok(None),
+            answer => answer?,
+        };
+        serde_json::from_value(answer).map(Some).map_err(|e| ClientError::Network(format!("a TURN credential: {e}")))
+    }
+
     /// `PUT /v1/keys`.
     pub async fn upload_keys(&self, token: &str, body: &Value) -> Result<()> {
         self.send(self.http.put(format!("{}/v1/keys", self.base)).bearer_auth(token).json(body)).await.map(|_| ())

@@ -22,6 +22,7 @@
 //! straight to the call, not through the client's thread.
 
 use crate::call::engine::{self, CallInfo, CallListener, CallSettings, CallSignal, Calls, Signaller};
+use crate::call::turn::TurnCredential;
 use crate::core::{ChatMessage, Core, Incoming, OutgoingFrame, PrekeyReport};
 use crate::error::{ClientError, Result};
 use futures::future::LocalBoxFuture;
@@ -379,6 +380,12 @@ impl Client {
     /// answer carries it (diagnostics; tests search the server for it).
     pub fn call_fingerprint(&self, call_id: &str) -> Result<String> {
         self.calls.fingerprint(call_id)
+    }
+
+    /// Where the call `call_id`'s TURN relay is (`None` if it has none;
+    /// diagnostics).
+    pub fn call_relay(&self, call_id: &str) -> Result<Option<crate::call::turn::TurnState>> {
+        self.calls.relay(call_id)
     }
 
     /// What the playout of the call `call_id` has done so far (frames played,
@@ -798,6 +805,13 @@ impl Signaller for Runner {
             }
             in_flight.insert(frame.id.clone(), signal.call_id().to_owned());
             link.send(Outgoing::Send(frame)).map_err(|_| ClientError::NotConnected)
+        })
+    }
+
+    fn turn_credential(&self) -> LocalBoxFuture<'_, Result<Option<TurnCredential>>> {
+        Box::pin(async move {
+            let token = self.core.token().await?;
+            self.core.api.turn(&token).await
         })
     }
 }

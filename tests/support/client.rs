@@ -23,17 +23,25 @@ pub struct TestServer {
     pub stream: String,
     pub process: Option<Server>,
     pub address: SocketAddr,
+    /// More settings of the server (name, value).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestServer {
     pub async fn start(mode: Mode) -> Result<TestServer, Error> {
+        TestServer::start_with(mode, &[]).await
+    }
+
+    /// A server with more settings (`env`: name, value).
+    pub async fn start_with(mode: Mode, env: &[(&str, &str)]) -> Result<TestServer, Error> {
         let db = match mode {
             Mode::Embedded => None,
             Mode::Cluster => Some(TestDatabase::migrated().await?),
         };
         let stream = format!("PC_TEST_CLIENT_{}", uuid::Uuid::now_v7().simple());
-        let mut server =
-            TestServer { mode, dir: TempDir::new(), db, stream, process: None, address: "127.0.0.1:0".parse()? };
+        let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
+        let address = "127.0.0.1:0".parse()?;
+        let mut server = TestServer { mode, dir: TempDir::new(), db, stream, process: None, address, env };
         server.run("127.0.0.1:0")?;
         Ok(server)
     }
@@ -44,7 +52,8 @@ impl TestServer {
             .env("SECRET_KEY", "client-test-secret-key-0123456789abcdef")
             .env("RATE_LIMIT_REGISTRATION", "100000/1s")
             .env("RATE_LIMIT_TOKEN", "100000/1s")
-            .env("RATE_LIMIT_KEY_BUNDLE", "100000/1s");
+            .env("RATE_LIMIT_KEY_BUNDLE", "100000/1s")
+            .envs(self.env.iter().map(|(name, value)| (name, value)));
         if let (Mode::Cluster, Some(db)) = (self.mode, &self.db) {
             command.env("DATABASE_URL", &db.url).env("NATS_URL", super::nats_url()).env("NATS_STREAM", &self.stream);
         }

@@ -157,4 +157,5 @@ pub async fn nats_bus() -> Result<privcomm::bus::nats::NatsBus, String> {
 pub mod api;
 pub mod client;
 pub mod node;
+pub mod turn;
 pub mod ws;

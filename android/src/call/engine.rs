@@ -3,7 +3,9 @@
 //! end-to-end-encrypted messages on the Signal session with the peer (a
 //! [`Signaller`] sends them); the server relays them and cannot read them,
 //! so the DTLS fingerprints in the offer and answer are authenticated by the
-//! session. Media then flows peer to peer ([`MediaSession`]).
+//! session. Media then flows peer to peer ([`MediaSession`]), or through a
+//! TURN relay whose candidate is trickled once allocated (ADR 0020; relay
+//! only offers nothing else).
 //!
 //! States: `Outgoing` (offer sent, ringing) or `Incoming` (offer received) →
 //! `Connecting` (answer sent or received; ICE and DTLS under way) →
@@ -26,6 +28,7 @@
 //! ([`Calls::push_audio`], [`Calls::pull_audio`]), without waiting for that thread.
 
 use crate::call::media::{FRAME_SAMPLES, MediaSession};
+use crate::call::turn::{TurnCredential, TurnState};
 use crate::error::{ClientError, Result, invalid};
 use futures::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
@@ -188,6 +191,13 @@ pub struct CallSettings {
     /// The address to receive media on; by default the local address that
     /// reaches the server.
     pub media_ip: Option<String>,
+    /// Offer only a TURN relay as this side's candidate, never the device's
+    /// own addresses, so that the peer does not learn them (media then always
+    /// goes through the server's relay). A call fails if no relay can be had.
+    /// Off by default: a relay is still offered beside the device's address
+    /// wherever the server has one.
+    #[uniffi(default = false)]
+    pub relay_only: bool,
 }
 
 impl Default for CallSettings {
@@ -196,6 +206,7 @@ impl Default for CallSettings {
             ring_timeout_ms: DEFAULT_RING_TIMEOUT.as_millis() as u64,
             ice_failed_after_ms: DEFAULT_ICE_FAILED_AFTER.as_millis() as u64,
             media_ip: None,
+            relay_only: false,
         }
     }
 }
@@ -229,6 +240,9 @@ impl CallSettings {
 pub trait Signaller {
     /// Encrypts `signal` for `to` and sends it through the relay.
     fn signal<'a>(&'a self, to: &'a str, signal: CallSignal) -> LocalBoxFuture<'a, Result<()>>;
+
+    /// A credential for the server's TURN relays (`None` where it has none).
+    fn turn_credential(&self) -> LocalBoxFuture<'_, Result<Option<TurnCredential>>>;
 }
 
 struct Status {
@@ -250,6 +264,9 @@ pub struct Call {
     offer: Mutex<Option<String>>,
     /// Wakes the call's task (a state change).
     wake: tokio::sync::Notify,
+    /// This side's offer or answer and first candidates are out: from now
+    /// on the relay may be asked for and its candidate trickled after them.
+    signalled: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -276,6 +293,16 @@ impl Call {
     fn since(&self) -> Instant {
         lock(&self.status).since
     }
+
+    fn signalled(&self) -> bool {
+        self.signalled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// This side's SDP and candidates are out; wakes the task for the relay.
+    fn set_signalled(&self) {
+        self.signalled.store(true, std::sync::atomic::Ordering::Release);
+        self.wake.notify_one();
+    }
 }
 
 /// The calls of one client.
@@ -285,6 +312,8 @@ pub struct Calls {
     listener: Mutex<Option<Arc<dyn CallListener>>>,
     /// The server's address, to find the local address that reaches it.
     server: String,
+    /// The last TURN credential and when it was fetched (reused for half its lifetime).
+    turn: Mutex<Option<(TurnCredential, Instant)>>,
 }
 
 impl Calls {
@@ -295,6 +324,7 @@ impl Calls {
             settings: Mutex::new(CallSettings::default()),
             listener: Mutex::default(),
             server: server_url.to_owned(),
+            turn: Mutex::default(),
         }
     }
 
@@ -345,6 +375,11 @@ impl Calls {
     /// This side's DTLS fingerprint in `call_id` (diagnostics and tests).
     pub fn fingerprint(&self, call_id: &str) -> Result<String> {
         Ok(lock(&self.get(call_id)?.media).local_fingerprint())
+    }
+
+    /// Where `call_id`'s TURN relay is (`None` if it has none).
+    pub fn relay(&self, call_id: &str) -> Result<Option<TurnState>> {
+        Ok(lock(&self.get(call_id)?.media).relay_state())
     }
 
     /// What `call_id`'s playout has done so far.
@@ -429,6 +464,7 @@ impl Calls {
             status: Mutex::new(Status { state, reason: None, detail: String::new(), since: Instant::now() }),
             offer: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            signalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -455,7 +491,7 @@ pub async fn start_call(calls: &Arc<Calls>, signaller: Rc<dyn Signaller>, to: &s
     let settings = calls.settings();
     let mut media = MediaSession::new(calls.media_ip(&settings)?, Instant::now())?;
     let offer = media.create_offer()?;
-    let candidates = media.gather()?;
+    let candidates = if settings.relay_only { Vec::new() } else { media.gather()? };
     let id = uuid::Uuid::now_v7().to_string();
     let call = calls.register(calls.new_call(id.clone(), to, true, media))?;
     // Heard before anything is sent, so that no answer can overtake it.
@@ -467,6 +503,7 @@ pub async fn start_call(calls: &Arc<Calls>, signaller: Rc<dyn Signaller>, to: &s
     for candidate in candidates {
         send(calls, &*signaller, &call, CallSignal::Candidate { call_id: id.clone(), candidate }).await?;
     }
+    call.set_signalled();
     Ok(id)
 }
 
@@ -477,9 +514,11 @@ pub async fn accept_call(calls: &Calls, signaller: &dyn Signaller, call_id: &str
         return Err(invalid("call_id", "not an incoming call that rings"));
     }
     let offer = lock(&call.offer).take().ok_or_else(|| invalid("call_id", "already answered"))?;
+    let relay_only = calls.settings().relay_only;
     let prepared = {
         let mut media = lock(&call.media);
-        media.accept_offer(&offer).and_then(|answer| Ok((answer, media.gather()?)))
+        let candidates = |media: &mut MediaSession| if relay_only { Ok(Vec::new()) } else { media.gather() };
+        media.accept_offer(&offer).and_then(|answer| Ok((answer, candidates(&mut media)?)))
     };
     let (answer, candidates) = match prepared {
         Ok(prepared) => prepared,
@@ -495,6 +534,7 @@ pub async fn accept_call(calls: &Calls, signaller: &dyn Signaller, call_id: &str
     for candidate in candidates {
         send(calls, signaller, &call, CallSignal::Candidate { call_id: call.id.clone(), candidate }).await?;
     }
+    call.set_signalled();
     Ok(())
 }
 
@@ -625,6 +665,28 @@ pub async fn on_signal(
     }
 }
 
+/// Starts allocating a TURN relay for `call` (credential fetched, or
+/// reused for half its lifetime); its candidate is trickled once granted.
+async fn attach_relay(calls: &Calls, signaller: &dyn Signaller, call: &Call) -> std::result::Result<(), String> {
+    let cached =
+        lock(&calls.turn).clone().filter(|(credential, at)| at.elapsed() < Duration::from_secs(credential.ttl / 2));
+    let credential = match cached {
+        Some((credential, _)) => credential,
+        None => {
+            let fetched = signaller.turn_credential().await.map_err(|e| format!("no TURN credential: {e}"))?;
+            let credential = fetched.ok_or("the server has no TURN relay")?;
+            *lock(&calls.turn) = Some((credential.clone(), Instant::now()));
+            credential
+        }
+    };
+    let server = credential.udp_server().await.ok_or("none of the TURN servers is reachable over UDP")?;
+    if call.state() == CallState::Ended {
+        return Ok(()); // over while the credential was on its way: nothing to allocate
+    }
+    lock(&call.media).start_relay(server, &credential.username, &credential.credential, Instant::now());
+    Ok(())
+}
+
 /// A call's task: drives its media when a packet arrives or a timer is
 /// due, moves it to `Connected`, ends it on time; returns once it ended.
 async fn run(calls: Arc<Calls>, signaller: Rc<dyn Signaller>, call: Arc<Call>) {
@@ -642,16 +704,53 @@ async fn run(calls: Arc<Calls>, signaller: Rc<dyn Signaller>, call: Arc<Call>) {
     };
     // Since when the connection has been lost (ICE says disconnected).
     let mut lost_since: Option<Instant> = None;
+    let mut relay_asked = false;
+    // Why the relay could not be had, once the attempt ended without one.
+    let relay_missing: Rc<std::cell::RefCell<Option<String>>> = Rc::default();
     loop {
+        if !relay_asked && call.signalled() {
+            relay_asked = true;
+            // Beside the media, not in its way: a direct path need not wait for the relay.
+            let (calls, signaller, call, missing) =
+                (calls.clone(), signaller.clone(), call.clone(), relay_missing.clone());
+            tokio::task::spawn_local(async move {
+                if let Err(why) = attach_relay(&calls, &*signaller, &call).await {
+                    *missing.borrow_mut() = Some(why);
+                    call.wake.notify_one();
+                }
+            });
+        }
+        let missing = relay_missing.borrow_mut().take();
+        if let Some(why) = missing {
+            if settings.relay_only {
+                if calls.end(&call, CallEndReason::Failed, &format!("relay only, but {why}")) {
+                    tell_hangup(&*signaller, &call, HangupReason::IceFailed).await;
+                }
+                return;
+            }
+            tracing::debug!(call_id = %call.id, why, "the call goes without a TURN relay");
+        }
         let now = Instant::now();
         let driven = {
             let mut media = lock(&call.media);
-            media.drive(now).map(|deadline| {
+            media.drive(now).and_then(|deadline| {
                 let disconnected = media.ice_state() == str0m::IceConnectionState::Disconnected;
-                (deadline, media.is_connected(), disconnected, media.quiet_for(call.since(), now))
+                let relay = media.take_relay_candidate()?;
+                let relay_failed = match media.relay_state() {
+                    Some(TurnState::Failed(why)) => Some(why),
+                    _ => None,
+                };
+                Ok((
+                    deadline,
+                    media.is_connected(),
+                    disconnected,
+                    media.quiet_for(call.since(), now),
+                    relay,
+                    relay_failed,
+                ))
             })
         };
-        let (deadline, connected, disconnected, quiet) = match driven {
+        let (deadline, connected, disconnected, quiet, relay, relay_failed) = match driven {
             Ok(driven) => driven,
             Err(error) => {
                 calls.end(&call, CallEndReason::Failed, &error.to_string());
@@ -659,6 +758,18 @@ async fn run(calls: Arc<Calls>, signaller: Rc<dyn Signaller>, call: Arc<Call>) {
                 return;
             }
         };
+        if let Some(candidate) = relay {
+            let signal = CallSignal::Candidate { call_id: call.id.clone(), candidate };
+            if send(&calls, &*signaller, &call, signal).await.is_err() {
+                return;
+            }
+        }
+        if let Some(why) = relay_failed.filter(|_| settings.relay_only && !connected) {
+            if calls.end(&call, CallEndReason::Failed, &format!("relay only, but {why}")) {
+                tell_hangup(&*signaller, &call, HangupReason::IceFailed).await;
+            }
+            return;
+        }
         let state = call.state();
         let in_state = now.saturating_duration_since(call.since());
         let ending = match state {
@@ -717,6 +828,10 @@ mod tests {
         fn signal<'a>(&'a self, to: &'a str, signal: CallSignal) -> LocalBoxFuture<'a, Result<()>> {
             self.0.borrow_mut().push((to.to_owned(), signal));
             Box::pin(async { Ok(()) })
+        }
+
+        fn turn_credential(&self) -> LocalBoxFuture<'_, Result<Option<TurnCredential>>> {
+            Box::pin(async { Ok(None) })
         }
     }
 

@@ -11,8 +11,17 @@
 //!
 //! Received packets wait in a [`JitterBuffer`] until the platform takes the
 //! next frame ([`MediaSession::pull_frame`]).
+//!
+//! With a TURN credential ([`MediaSession::start_relay`]) the session also
+//! allocates a relay on the same socket ([`TurnClient`]) and offers it as a
+//! relayed candidate once granted ([`MediaSession::take_relay_candidate`]);
+//! str0m's packets from that candidate travel in Send indications, and Data
+//! indications from the TURN server are handed to str0m as if they had
+//! arrived on the relayed address. Relay only (no host candidate) keeps this
+//! device's addresses from the peer.
 
 use crate::call::jitter::{JitterBuffer, JitterStats, Playout};
+use crate::call::turn::{TurnClient, TurnState, is_stun};
 use crate::error::{ClientError, Result};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -25,6 +34,14 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 pub const SAMPLE_RATE: u32 = 48_000;
 /// Samples in one 20 ms frame.
 pub const FRAME_SAMPLES: usize = 960;
+
+/// Sends what the TURN client has for its server (lost ones are sent
+/// again by its timers).
+fn to_turn(socket: &UdpSocket, turn: &mut TurnClient) {
+    for datagram in turn.take_outgoing() {
+        let _ = socket.send_to(&datagram, turn.server());
+    }
+}
 
 fn call_error(what: &str, error: impl std::fmt::Display) -> ClientError {
     ClientError::Call(format!("{what}: {error}"))
@@ -48,6 +65,19 @@ pub struct MediaSession {
     jitter: JitterBuffer,
     /// When the last datagram arrived.
     last_received: Option<Instant>,
+    /// The TURN relay, if one was asked for, and whether its candidate was taken.
+    turn: Option<TurnClient>,
+    relay_offered: bool,
+}
+
+impl Drop for MediaSession {
+    /// Gives the relay back rather than leaving it to expire.
+    fn drop(&mut self) {
+        if let Some(turn) = &mut self.turn {
+            turn.close();
+            to_turn(&self.socket, turn);
+        }
+    }
 }
 
 impl std::fmt::Debug for MediaSession {
@@ -82,6 +112,8 @@ impl MediaSession {
             ice: IceConnectionState::New,
             jitter: JitterBuffer::new(FRAME_SAMPLES as u64),
             last_received: None,
+            turn: None,
+            relay_offered: false,
         })
     }
 
@@ -104,6 +136,35 @@ impl MediaSession {
             .add_local_candidate(candidate)
             .ok_or_else(|| ClientError::Call("the host candidate was refused".into()))?;
         Ok(vec![line])
+    }
+
+    /// Starts allocating a relay on the TURN server `server` with a
+    /// credential the API issued; its candidate comes from
+    /// [`MediaSession::take_relay_candidate`] once granted.
+    pub fn start_relay(&mut self, server: SocketAddr, username: &str, credential: &str, now: Instant) {
+        let mut turn = TurnClient::new(server, username, credential, now);
+        to_turn(&self.socket, &mut turn);
+        self.turn = Some(turn);
+    }
+
+    /// The relayed candidate (an SDP `candidate:` line), once, when the
+    /// relay has been granted; added to this side's candidates.
+    pub fn take_relay_candidate(&mut self) -> Result<Option<String>> {
+        let Some(relayed) = self.turn.as_ref().and_then(TurnClient::relayed).filter(|_| !self.relay_offered) else {
+            return Ok(None);
+        };
+        self.relay_offered = true;
+        let candidate = Candidate::relayed(relayed, self.local, "udp").map_err(|e| call_error("relay candidate", e))?;
+        let line = candidate.to_sdp_string();
+        self.rtc
+            .add_local_candidate(candidate)
+            .ok_or_else(|| ClientError::Call("the relay candidate was refused".into()))?;
+        Ok(Some(line))
+    }
+
+    /// Where the relay is (`None` if none was asked for).
+    pub fn relay_state(&self) -> Option<TurnState> {
+        self.turn.as_ref().map(|turn| turn.state().clone())
     }
 
     /// Adds a candidate of the peer (an SDP `candidate:` line).
@@ -224,14 +285,29 @@ impl MediaSession {
         // previous one left (a DTLS hello right behind the ICE nomination
         // that enables DTLS is not dropped).
         self.rtc.handle_input(Input::Timeout(now)).map_err(|e| call_error("media", e))?;
+        if let Some(turn) = &mut self.turn {
+            turn.handle_timeout(now);
+            to_turn(&self.socket, turn);
+        }
         let mut deadline = self.poll(now)?;
         let mut buffer = [0u8; 2000];
         loop {
             match self.socket.recv_from(&mut buffer) {
                 Ok((size, source)) => {
+                    let (mut source, mut destination, mut datagram) = (source, self.local, &buffer[..size]);
+                    let relayed;
+                    if let Some(turn) = self.turn.as_mut().filter(|t| t.server() == source && is_stun(datagram)) {
+                        // From the TURN server: its answer, or a peer's packet through the relay.
+                        let data = turn.handle(datagram, now);
+                        let relay = turn.relayed();
+                        to_turn(&self.socket, turn);
+                        let (Some((peer, data)), Some(relay)) = (data, relay) else { continue };
+                        relayed = data;
+                        (source, destination, datagram) = (peer, relay, &relayed[..]);
+                    }
                     self.last_received = Some(now);
-                    let Ok(contents) = buffer[..size].try_into() else { continue };
-                    let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
+                    let Ok(contents) = datagram.try_into() else { continue };
+                    let receive = Receive { proto: Protocol::Udp, source, destination, contents };
                     let input = Input::Receive(now, receive);
                     // Anything that is not this call's STUN, DTLS or SRTP is dropped.
                     if self.rtc.accepts(&input) {
@@ -250,10 +326,25 @@ impl MediaSession {
     fn poll(&mut self, now: Instant) -> Result<Instant> {
         loop {
             match self.rtc.poll_output().map_err(|e| call_error("media", e))? {
-                Output::Timeout(at) => return Ok(at.min(now + Duration::from_millis(20))),
+                Output::Timeout(at) => {
+                    let turn = self.turn.as_ref().and_then(TurnClient::next_timeout);
+                    return Ok(turn.map_or(at, |turn| turn.min(at)).min(now + Duration::from_millis(20)));
+                }
                 Output::Transmit(transmit) => {
                     // A lost datagram is what UDP does; ICE and RTP cope.
-                    let _ = self.socket.send_to(&transmit.contents, transmit.destination);
+                    match self.turn.as_mut().filter(|t| t.relayed() == Some(transmit.source)) {
+                        Some(turn) => {
+                            let wrapped = turn.wrap(transmit.destination, &transmit.contents, now);
+                            // A new permission's request goes first.
+                            to_turn(&self.socket, turn);
+                            if let Some(wrapped) = wrapped {
+                                let _ = self.socket.send_to(&wrapped, turn.server());
+                            }
+                        }
+                        None => {
+                            let _ = self.socket.send_to(&transmit.contents, transmit.destination);
+                        }
+                    }
                 }
                 Output::Event(event) => self.on_event(event)?,
             }

@@ -10,3 +10,4 @@ pub mod engine;
 pub mod jitter;
 pub mod media;
 pub mod tone;
+pub mod turn;
