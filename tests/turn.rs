@@ -117,26 +117,23 @@ fn the_clients_turn_allocation_carries_data_to_a_permitted_peer_and_a_forged_cre
     drive(&b_socket, &mut bob, allocated)?;
     let (a_relay, b_relay) = (alice.relayed().ok_or("alice has no relay")?, bob.relayed().ok_or("bob has no relay")?);
 
-    // Bob lets alice's relay in (granted once nothing is pending: the next
-    // timer is a refresh minutes away); alice sends to bob's relayed address.
+    // Bob lets alice's relay in; alice's first packet to bob's relay is held
+    // until her own permission for it is granted, then sent.
     bob.permit(a_relay.ip(), std::time::Instant::now());
-    drive(&b_socket, &mut bob, |t, _| {
-        t.next_timeout().is_some_and(|at| at > now + std::time::Duration::from_secs(60))
-    })?;
-    let mut got = Vec::new();
-    for attempt in 0..20 {
-        let wrapped = alice.wrap(b_relay, format!("hello {attempt}").as_bytes(), std::time::Instant::now());
-        for datagram in alice.take_outgoing().into_iter().chain(wrapped) {
-            a_socket.send_to(&datagram, server)?;
-        }
-        got = drive(&b_socket, &mut bob, |_, r| !r.is_empty()).unwrap_or_default();
-        if !got.is_empty() {
-            break;
-        }
+    drive(&b_socket, &mut bob, |t, _| t.permitted(a_relay.ip()))?;
+    assert!(alice.wrap(b_relay, b"hello", std::time::Instant::now()).is_none(), "sent before it was permitted");
+    drive(&a_socket, &mut alice, |t, _| t.permitted(b_relay.ip()))?;
+    for datagram in alice.take_outgoing() {
+        a_socket.send_to(&datagram, server)?;
     }
+    let got = drive(&b_socket, &mut bob, |_, r| !r.is_empty())?;
     let (from, data) = got.first().ok_or("nothing came through alice's relay to bob's")?;
     assert_eq!(*from, a_relay, "bob sees alice's relayed address, not her own");
-    assert!(data.starts_with(b"hello"), "{data:?}");
+    assert_eq!(data, b"hello");
+    let again = alice.wrap(b_relay, b"again", std::time::Instant::now()).ok_or("not sent once permitted")?;
+    a_socket.send_to(&again, server)?;
+    let got = drive(&b_socket, &mut bob, |_, r| !r.is_empty())?;
+    assert_eq!(got.first().map(|(_, d)| d.as_slice()), Some(&b"again"[..]));
 
     // A credential signed with another secret: refused, and said so.
     let forged = privcomm_api::calls::credential(b"not the secret", &a_user);

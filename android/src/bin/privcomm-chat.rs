@@ -107,6 +107,9 @@ enum Command {
         /// Where the benchmark's stores go (removed afterwards).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Both clients offer only a TURN relay (the server needs TURN_URLS).
+        #[arg(long)]
+        relay_only: bool,
     },
     /// Benchmark: encrypt+persist and decrypt+persist per message against
     /// raw libsignal with in-memory stores (no server; docs/BENCHMARKS.md).
@@ -292,11 +295,12 @@ fn bench(messages: usize, burst: usize, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn bench_calls(server: &str, calls: usize, onsets: usize, dir: &Path) -> Result<(), String> {
+fn bench_calls(server: &str, calls: usize, onsets: usize, relay_only: bool, dir: &Path) -> Result<(), String> {
     use privcomm_client::bench::quantile;
     let scratch = dir.join(format!("privcomm-bench-calls-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let figures = privcomm_client::call::bench::run(server, calls, onsets, &scratch).map_err(|e| e.to_string());
+    let figures =
+        privcomm_client::call::bench::run(server, calls, onsets, relay_only, &scratch).map_err(|e| e.to_string());
     let _ = std::fs::remove_dir_all(&scratch);
     let figures = figures?;
     println!("privcomm calls between two clients through {server}, ms");
@@ -319,7 +323,9 @@ fn bench_calls(server: &str, calls: usize, onsets: usize, dir: &Path) -> Result<
 fn run(cli: Cli) -> Result<(), String> {
     let command = match cli.command {
         Command::Bench { messages, burst, dir } => return bench(messages, burst, &dir),
-        Command::BenchCalls { calls, onsets, dir } => return bench_calls(&cli.server, calls, onsets, &dir),
+        Command::BenchCalls { calls, onsets, dir, relay_only } => {
+            return bench_calls(&cli.server, calls, onsets, relay_only, &dir);
+        }
         command => command,
     };
     let key = store_key(&cli.store)?;

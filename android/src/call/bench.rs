@@ -72,7 +72,7 @@ fn bench_error(what: impl std::fmt::Display) -> ClientError {
 }
 
 impl Side {
-    fn open(dir: &Path, name: &str, server: &str) -> Result<(Side, String)> {
+    fn open(dir: &Path, name: &str, server: &str, settings: &CallSettings) -> Result<(Side, String)> {
         let (states_tx, states) = channel();
         let (calls_tx, calls) = channel();
         let heard = Arc::new(Heard { states: Mutex::new(states_tx), calls: Mutex::new(calls_tx) });
@@ -86,7 +86,7 @@ impl Side {
         };
         let client = Client::new(config, heard.clone())?;
         client.set_call_listener(Arc::new(CallHeard(heard)));
-        client.configure_calls(CallSettings::default())?;
+        client.configure_calls(settings.clone())?;
         let phone = format!("+1555{:010}", rand::random::<u64>() % 10_000_000_000);
         let user = client.register(phone)?;
         client.connect()?;
@@ -120,9 +120,10 @@ impl Side {
 
 /// Sets up `calls` calls from A to B through the server at `server` and
 /// times `onsets` tone onsets, spread over the calls. Stores go to `dir`.
-pub fn run(server: &str, calls: usize, onsets: usize, dir: &Path) -> Result<CallFigures> {
-    let (a, _) = Side::open(dir, "a", server)?;
-    let (b, b_id) = Side::open(dir, "b", server)?;
+pub fn run(server: &str, calls: usize, onsets: usize, relay_only: bool, dir: &Path) -> Result<CallFigures> {
+    let settings = CallSettings { relay_only, ..CallSettings::default() };
+    let (a, _) = Side::open(dir, "a", server, &settings)?;
+    let (b, b_id) = Side::open(dir, "b", server, &settings)?;
     let mut figures = CallFigures::default();
     let calls = calls.max(1);
     for n in 0..calls {

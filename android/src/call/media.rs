@@ -68,6 +68,8 @@ pub struct MediaSession {
     /// The TURN relay, if one was asked for, and whether its candidate was taken.
     turn: Option<TurnClient>,
     relay_offered: bool,
+    /// The peer's candidates' IPs: the relay lets them in as soon as it can.
+    remote_ips: Vec<IpAddr>,
 }
 
 impl Drop for MediaSession {
@@ -114,6 +116,7 @@ impl MediaSession {
             last_received: None,
             turn: None,
             relay_offered: false,
+            remote_ips: Vec::new(),
         })
     }
 
@@ -154,6 +157,13 @@ impl MediaSession {
             return Ok(None);
         };
         self.relay_offered = true;
+        // Permissions for the peer's candidates now, not at the first check to each.
+        if let Some(turn) = &mut self.turn {
+            for ip in &self.remote_ips {
+                turn.permit(*ip, Instant::now());
+            }
+            to_turn(&self.socket, turn);
+        }
         let candidate = Candidate::relayed(relayed, self.local, "udp").map_err(|e| call_error("relay candidate", e))?;
         let line = candidate.to_sdp_string();
         self.rtc
@@ -171,6 +181,14 @@ impl MediaSession {
     pub fn add_remote_candidate(&mut self, line: &str) -> Result<()> {
         let line = line.trim().trim_start_matches("a=");
         let candidate = Candidate::from_sdp_string(line).map_err(|e| call_error("a candidate", e))?;
+        let ip = candidate.addr().ip();
+        if !self.remote_ips.contains(&ip) {
+            self.remote_ips.push(ip);
+            if let Some(turn) = &mut self.turn {
+                turn.permit(ip, Instant::now());
+                to_turn(&self.socket, turn);
+            }
+        }
         self.rtc.add_remote_candidate(candidate);
         Ok(())
     }

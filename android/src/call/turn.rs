@@ -13,7 +13,7 @@
 
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,8 @@ const ATTEMPTS: u32 = 6;
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Permissions last 300 s on the server; refreshed well before.
 const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
+/// Packets held per peer while its permission is on its way (more are dropped).
+const HELD_PER_PEER: usize = 32;
 
 /// A credential for the TURN servers, as `GET /v1/calls/turn` issues it.
 #[derive(Clone, serde::Deserialize)]
@@ -144,6 +146,11 @@ pub struct TurnClient {
     pending: HashMap<[u8; 12], Pending>,
     /// Peers' IPs with a permission (granted or asked for), refreshed by then.
     permissions: HashMap<IpAddr, Instant>,
+    /// The peers' IPs whose permission the server granted.
+    granted: HashSet<IpAddr>,
+    /// Send indications to peers whose permission is on its way: sent once
+    /// granted, rather than dropped by the server (and ICE left to retry).
+    held: HashMap<IpAddr, Vec<Vec<u8>>>,
     refresh_at: Option<Instant>,
     outgoing: Vec<Vec<u8>>,
 }
@@ -168,6 +175,8 @@ impl TurnClient {
             state: TurnState::Allocating,
             pending: HashMap::new(),
             permissions: HashMap::new(),
+            granted: HashSet::new(),
+            held: HashMap::new(),
             refresh_at: None,
             outgoing: Vec::new(),
         };
@@ -219,6 +228,7 @@ impl TurnClient {
                 match purpose {
                     Purpose::Permission(ip) => {
                         self.permissions.remove(&ip);
+                        self.held.remove(&ip);
                     }
                     Purpose::Allocate | Purpose::Refresh => {
                         self.fail("the TURN server did not answer");
@@ -251,15 +261,29 @@ impl TurnClient {
         self.request(Purpose::Permission(peer), now);
     }
 
-    /// A Send indication carrying `data` to `peer` through the relay (asks
-    /// for the peer's permission first if it has none).
+    /// Whether the server granted `peer`'s IP a permission.
+    pub fn permitted(&self, peer: IpAddr) -> bool {
+        self.granted.contains(&peer)
+    }
+
+    /// A Send indication carrying `data` to `peer` through the relay. Until
+    /// the peer's permission is granted (asked for here if it was not) it is
+    /// held and comes out of [`TurnClient::take_outgoing`] once granted.
     pub fn wrap(&mut self, peer: SocketAddr, data: &[u8], now: Instant) -> Option<Vec<u8>> {
         self.relayed()?;
         self.permit(peer.ip(), now);
         let mut message = Message::new(SEND | INDICATION, random_id());
         message.xor_address(ATTR_XOR_PEER_ADDRESS, peer);
         message.attribute(ATTR_DATA, data);
-        Some(message.finish(None))
+        let message = message.finish(None);
+        if self.granted.contains(&peer.ip()) {
+            return Some(message);
+        }
+        let held = self.held.entry(peer.ip()).or_default();
+        if held.len() < HELD_PER_PEER {
+            held.push(message);
+        }
+        None
     }
 
     /// Gives the allocation back (a Refresh with lifetime 0, sent once).
@@ -273,6 +297,8 @@ impl TurnClient {
         self.state = TurnState::Closed;
         self.pending.clear();
         self.permissions.clear();
+        self.granted.clear();
+        self.held.clear();
         self.refresh_at = None;
     }
 
@@ -314,7 +340,10 @@ impl TurnClient {
                     None => self.fail("the TURN server granted no relayed address"),
                 },
                 Purpose::Refresh => self.refresh_at = Some(now + lifetime(message) / 2),
-                Purpose::Permission(_) => {}
+                Purpose::Permission(ip) => {
+                    self.granted.insert(ip);
+                    self.outgoing.extend(self.held.remove(&ip).unwrap_or_default());
+                }
             }
             return;
         }
@@ -337,7 +366,11 @@ impl TurnClient {
                 self.request(purpose, now);
             }
             (code, _) => match purpose {
-                Purpose::Permission(ip) => tracing::info!(%ip, code, "the TURN server refused a permission"),
+                Purpose::Permission(ip) => {
+                    // Asked again when it is due for refreshing; what waited for it is dropped.
+                    self.held.remove(&ip);
+                    tracing::info!(%ip, code, "the TURN server refused a permission");
+                }
                 Purpose::Allocate | Purpose::Refresh if code == 401 => {
                     self.fail("the TURN server refused the credential (401)")
                 }
@@ -351,6 +384,8 @@ impl TurnClient {
         self.state = TurnState::Failed(why.to_owned());
         self.pending.clear();
         self.permissions.clear();
+        self.granted.clear();
+        self.held.clear();
         self.refresh_at = None;
     }
 
