@@ -336,6 +336,11 @@ impl TurnClient {
                     Some(relayed) => {
                         self.state = TurnState::Allocated(relayed);
                         self.refresh_at = Some(now + lifetime(message) / 2);
+                        // The peer's relay most likely lives on the same TURN
+                        // server: let it in now, before its candidate arrives,
+                        // so its first checks are not dropped.
+                        self.permit(self.server.ip(), now);
+                        self.permit(relayed.ip(), now);
                     }
                     None => self.fail("the TURN server granted no relayed address"),
                 },
