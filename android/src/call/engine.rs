@@ -18,9 +18,9 @@
 //! One call at a time: an offer while another call is not ended is answered
 //! busy, except glare: when two people call each other at the same moment,
 //! the call with the greater id goes on ringing and the other gives way
-//! (`Glare`) on both sides, without either being busy. An offer older than the ring time (delivered late, after the
-//! recipient was offline) is dropped. Signals for a call from anyone but its
-//! peer are ignored.
+//! (`Glare`) on both sides, without either being busy. An offer older than
+//! the ring time (delivered late, after the recipient was offline) is
+//! dropped. Signals for a call from anyone but its peer are ignored.
 //!
 //! Every call has a task on the client's thread: it drives the media
 //! session when a packet arrives or a timer is due, and ends the call on
@@ -763,6 +763,10 @@ async fn run(calls: Arc<Calls>, signaller: Rc<dyn Signaller>, call: Arc<Call>) {
             if send(&calls, &*signaller, &call, signal).await.is_err() {
                 return;
             }
+        }
+        if relay_failed.is_some() {
+            // Perhaps refused: the next call asks for a fresh credential.
+            lock(&calls.turn).take();
         }
         if let Some(why) = relay_failed.filter(|_| settings.relay_only && !connected) {
             if calls.end(&call, CallEndReason::Failed, &format!("relay only, but {why}")) {
