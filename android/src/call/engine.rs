@@ -851,6 +851,18 @@ mod tests {
         CallSignal::Offer { call_id: call_id.into(), sdp: "v=0".into() }
     }
 
+    /// Calls on loopback with a listener that records what it hears and a
+    /// signaller that records what is sent.
+    fn listening() -> (Arc<Calls>, Arc<Heard>, Rc<Recorded>) {
+        let calls = Arc::new(Calls::new("http://127.0.0.1:1"));
+        calls
+            .configure(CallSettings { media_ip: Some("127.0.0.1".into()), ..CallSettings::default() })
+            .expect("valid settings");
+        let heard = Arc::new(Heard(Mutex::default()));
+        calls.set_listener(heard.clone());
+        (calls, heard, Rc::new(Recorded::default()))
+    }
+
     fn local<F: std::future::Future>(work: F) -> F::Output {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         tokio::task::LocalSet::new().block_on(&runtime, work)
@@ -859,13 +871,7 @@ mod tests {
     #[test]
     fn stale_offers_are_dropped_strangers_ignored_and_a_second_caller_is_answered_busy() {
         local(async {
-            let calls = Arc::new(Calls::new("http://127.0.0.1:1"));
-            calls
-                .configure(CallSettings { media_ip: Some("127.0.0.1".into()), ..CallSettings::default() })
-                .expect("valid settings");
-            let heard = Arc::new(Heard(Mutex::default()));
-            calls.set_listener(heard.clone());
-            let signaller = Rc::new(Recorded::default());
+            let (calls, heard, signaller) = listening();
             let (first, second) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
             let now = crate::signal::now_ms();
 
@@ -913,13 +919,7 @@ mod tests {
     #[test]
     fn when_two_call_each_other_at_once_the_greater_call_id_rings_and_nobody_is_busy() {
         local(async {
-            let calls = Arc::new(Calls::new("http://127.0.0.1:1"));
-            calls
-                .configure(CallSettings { media_ip: Some("127.0.0.1".into()), ..CallSettings::default() })
-                .expect("valid settings");
-            let heard = Arc::new(Heard(Mutex::default()));
-            calls.set_listener(heard.clone());
-            let signaller = Rc::new(Recorded::default());
+            let (calls, heard, signaller) = listening();
             let ours = start_call(&calls, signaller.clone(), "x").await.expect("the call starts");
             let sent = signaller.0.borrow().len();
             let now = crate::signal::now_ms();

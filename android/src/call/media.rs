@@ -146,6 +146,10 @@ impl MediaSession {
     /// [`MediaSession::take_relay_candidate`] once granted.
     pub fn start_relay(&mut self, server: SocketAddr, username: &str, credential: &str, now: Instant) {
         let mut turn = TurnClient::new(server, username, credential, now);
+        // The peer's candidates so far, let in as soon as the relay is granted.
+        for ip in &self.remote_ips {
+            turn.permit(*ip, now);
+        }
         to_turn(&self.socket, &mut turn);
         self.turn = Some(turn);
     }
@@ -157,13 +161,6 @@ impl MediaSession {
             return Ok(None);
         };
         self.relay_offered = true;
-        // Permissions for the peer's candidates now, not at the first check to each.
-        if let Some(turn) = &mut self.turn {
-            for ip in &self.remote_ips {
-                turn.permit(*ip, Instant::now());
-            }
-            to_turn(&self.socket, turn);
-        }
         let candidate = Candidate::relayed(relayed, self.local, "udp").map_err(|e| call_error("relay candidate", e))?;
         let line = candidate.to_sdp_string();
         self.rtc

@@ -13,7 +13,7 @@
 
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,18 @@ enum Purpose {
     Permission(IpAddr),
 }
 
+/// A peer IP's permission.
+#[derive(Default)]
+struct Peer {
+    /// When it is asked for again (`None`: not asked yet, waiting for the allocation).
+    refresh_at: Option<Instant>,
+    /// The server granted it.
+    granted: bool,
+    /// Send indications waiting for it: sent once granted, rather than
+    /// dropped by the server (and ICE left to retry).
+    held: Vec<Vec<u8>>,
+}
+
 struct Pending {
     purpose: Purpose,
     message: Vec<u8>,
@@ -144,13 +156,8 @@ pub struct TurnClient {
     key: Option<[u8; 16]>,
     state: TurnState,
     pending: HashMap<[u8; 12], Pending>,
-    /// Peers' IPs with a permission (granted or asked for), refreshed by then.
-    permissions: HashMap<IpAddr, Instant>,
-    /// The peers' IPs whose permission the server granted.
-    granted: HashSet<IpAddr>,
-    /// Send indications to peers whose permission is on its way: sent once
-    /// granted, rather than dropped by the server (and ICE left to retry).
-    held: HashMap<IpAddr, Vec<Vec<u8>>>,
+    /// The peers' IPs to let in, and where each one's permission is.
+    peers: HashMap<IpAddr, Peer>,
     refresh_at: Option<Instant>,
     outgoing: Vec<Vec<u8>>,
 }
@@ -174,9 +181,7 @@ impl TurnClient {
             key: None,
             state: TurnState::Allocating,
             pending: HashMap::new(),
-            permissions: HashMap::new(),
-            granted: HashSet::new(),
-            held: HashMap::new(),
+            peers: HashMap::new(),
             refresh_at: None,
             outgoing: Vec::new(),
         };
@@ -210,7 +215,7 @@ impl TurnClient {
     /// When [`TurnClient::handle_timeout`] is next due.
     pub fn next_timeout(&self) -> Option<Instant> {
         let retries = self.pending.values().map(|p| p.retry_at).min();
-        let refreshes = self.permissions.values().copied().min();
+        let refreshes = self.peers.values().filter_map(|p| p.refresh_at).min();
         [retries, refreshes, self.refresh_at].into_iter().flatten().min()
     }
 
@@ -227,8 +232,8 @@ impl TurnClient {
                 self.pending.remove(&id);
                 match purpose {
                     Purpose::Permission(ip) => {
-                        self.permissions.remove(&ip);
-                        self.held.remove(&ip);
+                        // Unanswered: forgotten, and asked again when next needed.
+                        self.peers.remove(&ip);
                     }
                     Purpose::Allocate | Purpose::Refresh => {
                         self.fail("the TURN server did not answer");
@@ -245,25 +250,30 @@ impl TurnClient {
             self.refresh_at = None;
             self.request(Purpose::Refresh, now);
         }
-        let stale: Vec<IpAddr> = self.permissions.iter().filter(|(_, at)| **at <= now).map(|(ip, _)| *ip).collect();
+        let stale: Vec<IpAddr> =
+            self.peers.iter().filter(|(_, p)| p.refresh_at.is_some_and(|at| at <= now)).map(|(ip, _)| *ip).collect();
         for ip in stale {
-            self.permissions.insert(ip, now + PERMISSION_REFRESH);
-            self.request(Purpose::Permission(ip), now);
+            self.ask_permission(ip, now);
         }
     }
 
-    /// Makes sure `peer`'s IP may send to and receive from the relay.
+    /// Lets `peer`'s IP send to and receive from the relay: asked for now,
+    /// or as soon as the relay is allocated.
     pub fn permit(&mut self, peer: IpAddr, now: Instant) {
-        if self.relayed().is_none() || self.permissions.contains_key(&peer) {
-            return;
+        let asked = self.peers.entry(peer).or_default().refresh_at.is_some();
+        if !asked && self.relayed().is_some() {
+            self.ask_permission(peer, now);
         }
-        self.permissions.insert(peer, now + PERMISSION_REFRESH);
+    }
+
+    fn ask_permission(&mut self, peer: IpAddr, now: Instant) {
+        self.peers.entry(peer).or_default().refresh_at = Some(now + PERMISSION_REFRESH);
         self.request(Purpose::Permission(peer), now);
     }
 
     /// Whether the server granted `peer`'s IP a permission.
     pub fn permitted(&self, peer: IpAddr) -> bool {
-        self.granted.contains(&peer)
+        self.peers.get(&peer).is_some_and(|p| p.granted)
     }
 
     /// A Send indication carrying `data` to `peer` through the relay. Until
@@ -276,12 +286,12 @@ impl TurnClient {
         message.xor_address(ATTR_XOR_PEER_ADDRESS, peer);
         message.attribute(ATTR_DATA, data);
         let message = message.finish(None);
-        if self.granted.contains(&peer.ip()) {
+        let waiting = self.peers.entry(peer.ip()).or_default();
+        if waiting.granted {
             return Some(message);
         }
-        let held = self.held.entry(peer.ip()).or_default();
-        if held.len() < HELD_PER_PEER {
-            held.push(message);
+        if waiting.held.len() < HELD_PER_PEER {
+            waiting.held.push(message);
         }
         None
     }
@@ -296,9 +306,7 @@ impl TurnClient {
         }
         self.state = TurnState::Closed;
         self.pending.clear();
-        self.permissions.clear();
-        self.granted.clear();
-        self.held.clear();
+        self.peers.clear();
         self.refresh_at = None;
     }
 
@@ -338,16 +346,24 @@ impl TurnClient {
                         self.refresh_at = Some(now + lifetime(message) / 2);
                         // The peer's relay most likely lives on the same TURN
                         // server: let it in now, before its candidate arrives,
-                        // so its first checks are not dropped.
+                        // so its first checks are not dropped; and the peers
+                        // known before the allocation.
                         self.permit(self.server.ip(), now);
                         self.permit(relayed.ip(), now);
+                        let waiting: Vec<IpAddr> =
+                            self.peers.iter().filter(|(_, p)| p.refresh_at.is_none()).map(|(ip, _)| *ip).collect();
+                        for ip in waiting {
+                            self.ask_permission(ip, now);
+                        }
                     }
                     None => self.fail("the TURN server granted no relayed address"),
                 },
                 Purpose::Refresh => self.refresh_at = Some(now + lifetime(message) / 2),
                 Purpose::Permission(ip) => {
-                    self.granted.insert(ip);
-                    self.outgoing.extend(self.held.remove(&ip).unwrap_or_default());
+                    let peer = self.peers.entry(ip).or_default();
+                    peer.granted = true;
+                    peer.refresh_at.get_or_insert(now + PERMISSION_REFRESH);
+                    self.outgoing.append(&mut peer.held);
                 }
             }
             return;
@@ -373,7 +389,9 @@ impl TurnClient {
             (code, _) => match purpose {
                 Purpose::Permission(ip) => {
                     // Asked again when it is due for refreshing; what waited for it is dropped.
-                    self.held.remove(&ip);
+                    if let Some(peer) = self.peers.get_mut(&ip) {
+                        peer.held.clear();
+                    }
                     tracing::info!(%ip, code, "the TURN server refused a permission");
                 }
                 Purpose::Allocate | Purpose::Refresh if code == 401 => {
@@ -388,9 +406,7 @@ impl TurnClient {
         tracing::info!(server = %self.server, why, "TURN allocation failed");
         self.state = TurnState::Failed(why.to_owned());
         self.pending.clear();
-        self.permissions.clear();
-        self.granted.clear();
-        self.held.clear();
+        self.peers.clear();
         self.refresh_at = None;
     }
 
@@ -625,6 +641,47 @@ mod tests {
         changed[30] ^= 1;
         let parsed = Parsed::parse(&changed).expect("parses");
         assert!(!parsed.integrity_holds(&changed, &key));
+    }
+
+    /// The peer IPs of the CreatePermission requests among `datagrams`.
+    fn permissions_asked(datagrams: &[Vec<u8>]) -> Vec<IpAddr> {
+        let asked = datagrams.iter().filter_map(|d| Parsed::parse(d));
+        asked
+            .filter(|m| m.kind == CREATE_PERMISSION | REQUEST)
+            .filter_map(|m| m.xor_address(ATTR_XOR_PEER_ADDRESS))
+            .map(|a| a.ip())
+            .collect()
+    }
+
+    #[test]
+    fn peers_let_in_before_the_allocation_are_asked_for_once_it_is_granted() {
+        let now = Instant::now();
+        let (server, relayed, peer): (SocketAddr, SocketAddr, IpAddr) = (
+            "192.0.2.1:3478".parse().expect("an address"),
+            "192.0.2.2:50000".parse().expect("an address"),
+            "198.51.100.7".parse().expect("an address"),
+        );
+        let mut turn = TurnClient::new(server, "user", "pass", now);
+        turn.permit(peer, now);
+        let first = turn.take_outgoing();
+        assert!(permissions_asked(&first).is_empty(), "nothing to permit on before the allocation");
+        // The server's challenge, then its grant under the key.
+        let request = Parsed::parse(&first[0]).expect("parses");
+        let mut challenge = Message::new(ALLOCATE | ERROR, request.id);
+        challenge.attribute(ATTR_ERROR_CODE, &[0, 0, 4, 1]);
+        challenge.attribute(ATTR_REALM, b"realm");
+        challenge.attribute(ATTR_NONCE, b"nonce");
+        turn.handle(&challenge.finish(None), now);
+        let second = turn.take_outgoing();
+        let request = Parsed::parse(&second[0]).expect("parses");
+        let mut grant = Message::new(ALLOCATE | SUCCESS, request.id);
+        grant.xor_address(ATTR_XOR_RELAYED_ADDRESS, relayed);
+        turn.handle(&grant.finish(Some(&long_term_key("user", b"realm", "pass"))), now);
+        assert_eq!(turn.relayed(), Some(relayed));
+        let mut asked = permissions_asked(&turn.take_outgoing());
+        asked.sort();
+        assert_eq!(asked, [server.ip(), relayed.ip(), peer], "the TURN server's own addresses and the peer");
+        assert!(!turn.permitted(peer), "asked for, not yet granted");
     }
 
     #[test]
